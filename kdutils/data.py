@@ -1,0 +1,443 @@
+"""Datasets as in-memory uint8 tensors: loaders (CIFAR-10/100, Tiny ImageNet, sklearn digits, .npz files),
+normalisation, and a fast batch iterator with on-device crop + flip augmentation.
+
+Every loader returns a :class:`Dataset` holding the whole train and test splits as uint8 NCHW tensors, so batches
+are plain tensor indexing (no DataLoader workers). Images are normalised on the fly by :func:`batches`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torchvision.datasets import utils as tv_utils
+from tqdm.auto import tqdm
+
+DATASETS: dict[str, str] = {
+    "cifar10": "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (torchvision download into root)",
+    "cifar100": "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (torchvision download into root)",
+    "tinyimagenet": "Tiny ImageNet, 100k/10k 64x64 RGB, 200 classes (official zip; val split used as test)",
+    "digits": "scikit-learn 8x8 digits upsampled to 32x32 RGB, 1437/360 stratified split (offline)",
+}
+_ALIASES = {"tinyimagenet200": "tinyimagenet"}  # after lower-casing and dropping '-', '_' and spaces
+
+TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+TINY_DIR = "tiny-imagenet-200"
+TINY_CACHE = "tiny-imagenet-200-cache.npz"
+_REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+_OFFLINE_HINT = ("Offline alternatives: load_dataset('digits') (bundled with scikit-learn) or load_dataset(<path to an "
+                 ".npz with x_train, y_train, x_test, y_test>), e.g. the shared cifar10-subset.npz.")
+
+
+@dataclass(frozen=True, eq=False)
+class Dataset:
+    """A dataset held in memory: uint8 NCHW images, int64 labels, class names and train-split channel stats."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (length of `classes`)."""
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        """Image height in pixels."""
+        return int(self.x_train.shape[2])
+
+    @property
+    def num_train(self) -> int:
+        """Number of training images."""
+        return int(self.x_train.shape[0])
+
+    def to(self, device: str | torch.device) -> Dataset:
+        """A copy with all tensors on `device` (pinned, non-blocking copies when moving from CPU to CUDA)."""
+        device = torch.device(device)
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if device.type == "cuda" and t.device.type == "cpu":
+                return t.pin_memory().to(device, non_blocking=True)
+            return t.to(device)
+
+        return dataclasses.replace(self, x_train=move(self.x_train), y_train=move(self.y_train),
+                                   x_test=move(self.x_test), y_test=move(self.y_test))
+
+    def __repr__(self) -> str:
+        """A one-line summary instead of the tensors' contents."""
+        fmt = lambda v: "(" + ", ".join(f"{x:.4f}" for x in v) + ")"  # noqa: E731
+        return (f"Dataset(name={self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+                f"num_classes={self.num_classes}, mean={fmt(self.mean)}, std={fmt(self.std)}, "
+                f"device={self.x_train.device})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public API
+
+def load_dataset(name: str | Path, root: str | Path = "data", download: bool = True, per_class: int | None = None,
+                 seed: int = 0, *, progress: bool = True) -> Dataset:
+    """Load a named dataset (see DATASETS; case-insensitive, 'cifar-10' style aliases work) or an .npz file path.
+
+    `per_class` keeps a seeded, class-balanced subset of the train split (every sample of a class with fewer).
+    `seed` drives that subset and the digits train/test split. Grayscale .npz images ((N,H,W) or (N,H,W,1)) are
+    replicated to 3 channels. `progress` shows a bar while Tiny ImageNet's JPEGs are decoded (first load only).
+    """
+    if per_class is not None and (isinstance(per_class, bool) or not isinstance(per_class, (int, np.integer))
+                                  or per_class < 1):
+        raise ValueError(f"per_class must be a positive int (samples kept per class) or None for the whole train "
+                         f"split; got {per_class!r}.")
+    root = Path(root).expanduser()
+    path = Path(name).expanduser()
+    key = str(name).strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+    key = _ALIASES.get(key, key)
+    if isinstance(name, Path) or str(name).lower().endswith(".npz") or (key not in DATASETS and path.is_file()):
+        arrays, ds_name = _read_npz(path), path.stem
+    else:
+        if key == "cifar10":
+            arrays = _load_cifar(root, download, hundred=False)
+        elif key == "cifar100":
+            arrays = _load_cifar(root, download, hundred=True)
+        elif key == "tinyimagenet":
+            arrays = _load_tinyimagenet(root, download, progress)
+        elif key == "digits":
+            arrays = _load_digits(seed)
+        else:
+            raise ValueError(f"Unknown dataset {name!r}. Valid names: {', '.join(DATASETS)} (case-insensitive), "
+                             f"or a path to an .npz file with x_train, y_train, x_test, y_test (uint8 NHWC images).")
+        ds_name = key
+    return _make_dataset(ds_name, _validate(arrays, source=ds_name), per_class, seed)
+
+
+def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float32 `(x / 255 - mean) / std` per channel for uint8 images (N,C,H,W) or (C,H,W), on x's device."""
+    if x_uint8.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images in 0..255, got {x_uint8.dtype}; pass the raw Dataset tensors "
+                        f"(x_train / x_test), not already-normalised ones.")
+    m = torch.as_tensor(mean, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=x_uint8.device).view(-1, 1, 1)
+    return x_uint8.float().div_(255).sub_(m).div_(s)
+
+
+def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, padding: int = 4) -> torch.Tensor:
+    """Random crop after `padding`-px zero padding plus random horizontal flip, per image, on x's device.
+
+    Randomness is drawn on the CPU from `generator` (3 draws of len(x) values: row offset, column offset, flip).
+    """
+    n, _, h, w = x.shape
+    k = 2 * padding + 1
+    dy = torch.randint(0, k, (n,), generator=generator).to(x.device)
+    dx = torch.randint(0, k, (n,), generator=generator).to(x.device)
+    flip = torch.randint(0, 2, (n,), generator=generator).bool().to(x.device)
+    padded = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    rows = dy[:, None] + torch.arange(h, device=x.device)                     # (N, H) rows of the padded image
+    cols = dx[:, None] + torch.arange(w, device=x.device)                     # (N, W)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    return padded[torch.arange(n, device=x.device)[:, None, None, None],
+                  torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = False,
+            generator: torch.Generator | None = None, drop_last: bool = False, *,
+            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, augment: bool = False,
+            with_index: bool = False) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (float32 normalised images, labels[, int64 row indices]) batches on x's device.
+
+    Without mean/std the images are only scaled to [0, 1]. `generator` (CPU) drives the permutation and the
+    augmentation (random 4-px crop + horizontal flip, see random_crop_flip), so a seeded generator is deterministic.
+    """
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise TypeError(f"batches expects uint8 images (N, C, H, W); got {x.dtype} {tuple(x.shape)}.")
+    if len(x) != len(y):
+        raise ValueError(f"x has {len(x)} images but y has {len(y)} labels.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if (mean is None) != (std is None):
+        raise ValueError("Pass both mean and std (e.g. data.mean, data.std) or neither.")
+    n = len(x)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    order = order.to(x.device)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if drop_last and len(idx) < batch_size:
+            break
+        xb = x[idx]
+        if augment:
+            xb = random_crop_flip(xb, generator)
+        xb = normalize(xb, mean, std) if mean is not None else xb.float().div_(255)
+        yb = y[idx.to(y.device)]
+        yield (xb, yb, idx) if with_index else (xb, yb)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loaders: each returns a dict with x_train, y_train, x_test, y_test (numpy, NHWC uint8 / int labels), classes
+
+def _load_digits(seed: int) -> dict:
+    """scikit-learn digits upsampled bilinearly to 32x32, grey replicated to RGB, stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    img = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)
+    img = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+    img = img.round().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
+    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target,
+                                           random_state=seed)
+    return {"x_train": img[idx_train], "y_train": d.target[idx_train], "x_test": img[idx_test],
+            "y_test": d.target[idx_test], "classes": [str(c) for c in d.target_names]}
+
+
+def _load_cifar(root: Path, download: bool, hundred: bool) -> dict:
+    """CIFAR-10/100 through torchvision (fine labels for CIFAR-100); friendly errors when files are missing."""
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls = CIFAR100 if hundred else CIFAR10
+    folder = root / cls.base_folder
+
+    def complete() -> bool:
+        return all(tv_utils.check_integrity(str(folder / f), md5) for f, md5 in cls.train_list + cls.test_list)
+
+    fix = (f"Fix: on a machine with internet download {cls.url} (md5 {cls.tgz_md5}) and either extract it so that "
+           f"{folder.resolve()}/ exists, or put the archive at {(root / cls.filename).resolve()} and call again with "
+           f"download=True (it is then verified and extracted without network). {_OFFLINE_HINT}")
+    what = "CIFAR-100" if hundred else "CIFAR-10"
+    if not complete():
+        if not download:
+            raise FileNotFoundError(f"{what} not found (or a file fails its checksum) in {folder.resolve()} and "
+                                    f"download=False. {fix}")
+        try:
+            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+        except Exception as e:  # network down, checksum mismatch, truncated archive ...
+            raise RuntimeError(f"Could not download {what} ({type(e).__name__}: {e}). {fix}") from e
+        if not complete():
+            raise RuntimeError(f"{what} was downloaded but {folder.resolve()} is still incomplete. Delete it and "
+                               f"{(root / cls.filename).resolve()}, then retry. {fix}")
+    train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
+    return {"x_train": train.data, "y_train": np.asarray(train.targets), "x_test": test.data,
+            "y_test": np.asarray(test.targets), "classes": list(train.classes)}
+
+
+def _load_tinyimagenet(root: Path, download: bool, progress: bool) -> dict:
+    """Tiny ImageNet (val split as test): from the decoded .npz cache, the extracted tree, or the official zip."""
+    cache, tree = root / TINY_CACHE, root / TINY_DIR
+    if cache.is_file():
+        return _read_npz(cache, hint=f"Delete {cache.resolve()} to rebuild it from {tree.resolve()}/.")
+    fix = (f"Fix: on a machine with internet download {TINY_URL} (md5 {TINY_MD5}) and either extract it so that "
+           f"{(tree / 'wnids.txt').resolve()} exists, or put the zip at {(root / (TINY_DIR + '.zip')).resolve()} and "
+           f"call again with download=True (it is then verified and extracted without network). {_OFFLINE_HINT}")
+    if not (tree / "wnids.txt").is_file():
+        if not download:
+            raise FileNotFoundError(f"Tiny ImageNet not found: {(tree / 'wnids.txt').resolve()} is missing and "
+                                    f"download=False. {fix}")
+        try:
+            tv_utils.download_and_extract_archive(TINY_URL, str(root), filename=TINY_DIR + ".zip", md5=TINY_MD5)
+        except Exception as e:  # network down, checksum mismatch, truncated archive ...
+            raise RuntimeError(f"Could not download Tiny ImageNet ({type(e).__name__}: {e}). {fix}") from e
+    arrays = _parse_tinyimagenet(tree, progress)
+    _save_npz_atomic(cache, arrays)
+    return arrays
+
+
+def _parse_tinyimagenet(tree: Path, progress: bool) -> dict:
+    """Decode the extracted Tiny ImageNet tree; labels index sorted(wnids), names are words.txt's first synonym."""
+    from PIL import Image
+
+    wnids = sorted({line.strip() for line in (tree / "wnids.txt").read_text().splitlines() if line.strip()})
+    label = {w: i for i, w in enumerate(wnids)}
+    words = {}
+    if (tree / "words.txt").is_file():
+        for line in (tree / "words.txt").read_text(encoding="utf-8").splitlines():
+            wnid, _, text = line.partition("\t")
+            if wnid in label:
+                words[wnid] = text.split(",")[0].strip() or wnid
+    classes = [words.get(w, w) for w in wnids]
+
+    train_files, train_labels = [], []
+    for w in wnids:
+        files = sorted((tree / "train" / w / "images").glob("*.JPEG"))
+        if not files:
+            raise FileNotFoundError(f"No training images in {(tree / 'train' / w / 'images').resolve()}; the "
+                                    f"Tiny ImageNet tree is incomplete. Re-extract {TINY_DIR}.zip into "
+                                    f"{tree.parent.resolve()}.")
+        train_files += files
+        train_labels += [label[w]] * len(files)
+    ann = tree / "val" / "val_annotations.txt"
+    if not ann.is_file():
+        raise FileNotFoundError(f"{ann.resolve()} is missing; re-extract {TINY_DIR}.zip into {tree.parent.resolve()}.")
+    test_files, test_labels = [], []
+    for line in ann.read_text().splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 2 or parts[1] not in label:
+            raise ValueError(f"{ann.resolve()}: line {line!r} does not name a wnid from wnids.txt; re-extract "
+                             f"{TINY_DIR}.zip.")
+        test_files.append(tree / "val" / "images" / parts[0])
+        test_labels.append(label[parts[1]])
+
+    def decode(files: list[Path], desc: str) -> np.ndarray:
+        out = None
+        for i, f in enumerate(tqdm(files, desc=desc, disable=not progress)):
+            try:
+                with Image.open(f) as im:
+                    a = np.asarray(im.convert("RGB"))
+            except OSError as e:
+                raise RuntimeError(f"Cannot decode {f} ({e}); re-extract {TINY_DIR}.zip.") from e
+            if out is None:
+                out = np.empty((len(files), *a.shape), dtype=np.uint8)
+            if a.shape != out.shape[1:]:
+                raise ValueError(f"{f} is {a.shape[1]}x{a.shape[0]}, expected {out.shape[2]}x{out.shape[1]} like the "
+                                 f"other images; re-extract {TINY_DIR}.zip.")
+            out[i] = a
+        return out
+
+    return {"x_train": decode(train_files, "tinyimagenet train"), "y_train": np.asarray(train_labels, np.int64),
+            "x_test": decode(test_files, "tinyimagenet val"), "y_test": np.asarray(test_labels, np.int64),
+            "classes": classes}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# .npz files, validation, Dataset assembly
+
+_NPZ_FORMAT = ("Expected format: np.savez_compressed(path, x_train=<uint8 (N,H,W,3)>, y_train=<int (N,)>, "
+               "x_test=<uint8 (M,H,W,3)>, y_test=<int (M,)>[, classes=np.array(names, dtype=str)]).")
+
+
+def _read_npz(path: Path, hint: str = "") -> dict:
+    """Read the arrays of an .npz (never unpickling); missing file, corrupt archive or missing keys raise clearly."""
+    if not path.is_file():
+        raise FileNotFoundError(f"No .npz file at {path.resolve()} (relative paths start at the current directory "
+                                f"{Path.cwd()}). Check the path, or use a dataset name: {', '.join(DATASETS)}.")
+    corrupt = f"{path.resolve()} is not a readable .npz archive"
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{corrupt} ({type(e).__name__}: {e}). Re-create or re-download it. {_NPZ_FORMAT} {hint}")\
+            from e
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path.resolve()} holds a single array (.npy format), not an .npz archive. {_NPZ_FORMAT}")
+    with f:
+        missing = [k for k in _REQUIRED_KEYS if k not in f.files]
+        if missing:
+            raise ValueError(f"{path.resolve()} lacks the key(s) {', '.join(missing)} (it has: "
+                             f"{', '.join(f.files) or 'nothing'}). {_NPZ_FORMAT} {hint}")
+        out = {}
+        for k in (*_REQUIRED_KEYS, "classes"):
+            if k not in f.files:
+                continue
+            try:
+                out[k] = f[k]
+            except ValueError as e:
+                if "pickle" in str(e).lower():
+                    raise ValueError(f"{path.resolve()}: '{k}' is an object array, which is not loaded (no pickle). "
+                                     f"Save it as a plain numeric/str array. {_NPZ_FORMAT} {hint}") from e
+                raise ValueError(f"{corrupt}: '{k}' fails to load ({e}). {_NPZ_FORMAT} {hint}") from e
+            except (OSError, EOFError, zipfile.BadZipFile) as e:
+                raise ValueError(f"{corrupt}: '{k}' fails to load ({type(e).__name__}: {e}). Re-create or "
+                                 f"re-download it. {hint}") from e
+    return out
+
+
+def _save_npz_atomic(path: Path, arrays: dict) -> None:
+    """Write arrays uncompressed (fast to reload) to a temp file beside `path`, then os.replace it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **{k: np.asarray(v) if k != "classes" else np.array(v, dtype=str)
+                            for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _validate(a: dict, source: str) -> dict:
+    """Check dtypes, shapes, counts and label ranges; return NHWC uint8 RGB images, int64 labels, class names."""
+    out = {}
+    for split in ("train", "test"):
+        x, y = np.asarray(a[f"x_{split}"]), np.asarray(a[f"y_{split}"])
+        if x.dtype != np.uint8:
+            raise ValueError(f"{source}: x_{split} has dtype {x.dtype}; images must be uint8 in 0..255. Fix: convert, "
+                             f"e.g. (x * 255).round().astype(np.uint8) for floats in [0, 1].")
+        if x.ndim == 3:  # grayscale (N, H, W)
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[-1] not in (1, 3):
+            hint = (" It looks channels-first: use x.transpose(0, 2, 3, 1)." if x.ndim == 4 and x.shape[1] in (1, 3)
+                    else "")
+            raise ValueError(f"{source}: x_{split} has shape {x.shape}; expected channels-last (N, H, W, 3) "
+                             f"(or grayscale (N, H, W) / (N, H, W, 1)).{hint}")
+        if x.shape[-1] == 1:
+            x = np.repeat(x, 3, axis=-1)
+        if len(x) == 0:
+            raise ValueError(f"{source}: x_{split} is empty; both splits need at least one image.")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{source}: y_{split} must be a 1-D integer array of class indices; got dtype {y.dtype}, "
+                             f"shape {y.shape}. Fix: y.astype(np.int64).")
+        if len(y) != len(x):
+            raise ValueError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels; they must "
+                             f"match one label per image.")
+        if y.min() < 0:
+            raise ValueError(f"{source}: y_{split} has negative labels (min {y.min()}); labels must be 0..C-1.")
+        out[f"x_{split}"], out[f"y_{split}"] = x, y.astype(np.int64)
+    if out["x_train"].shape[1:] != out["x_test"].shape[1:]:
+        raise ValueError(f"{source}: train images are {out['x_train'].shape[1:]} but test images are "
+                         f"{out['x_test'].shape[1:]}; resize one split so both have the same (H, W, 3).")
+    top = int(max(out["y_train"].max(), out["y_test"].max()))
+    if a.get("classes") is None:
+        classes = tuple(str(i) for i in range(top + 1))
+    else:
+        c = np.asarray(a["classes"])
+        if c.ndim != 1 or c.dtype.kind not in "US" or len(c) == 0:
+            raise ValueError(f"{source}: classes must be a non-empty 1-D array of names (np.array(names, dtype=str)); "
+                             f"got dtype {c.dtype}, shape {c.shape}.")
+        classes = tuple(v.decode() if isinstance(v, bytes) else str(v) for v in c.tolist())
+        if top >= len(classes):
+            raise ValueError(f"{source}: labels go up to {top} but only {len(classes)} class names are given; labels "
+                             f"must be 0..{len(classes) - 1}. Fix the labels or list every class in 'classes'.")
+    out["classes"] = classes
+    return out
+
+
+def _channel_stats(x: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population std of uint8 NCHW images in [0, 1] units (exact integer sums, chunked)."""
+    s = [0] * x.shape[1]
+    ss = [0] * x.shape[1]
+    for part in x.split(chunk):
+        p = part.to(torch.int64)
+        s = [a + int(b) for a, b in zip(s, p.sum(dim=(0, 2, 3)).tolist())]
+        ss = [a + int(b) for a, b in zip(ss, (p * p).sum(dim=(0, 2, 3)).tolist())]
+    n = x.shape[0] * x.shape[2] * x.shape[3]
+    mean = tuple(a / (n * 255) for a in s)
+    std = tuple(float(np.sqrt((n * b - a * a) / (n * n))) / 255 for a, b in zip(s, ss))
+    return mean, std
+
+
+def _make_dataset(name: str, a: dict, per_class: int | None, seed: int) -> Dataset:
+    """Subset the train split (per_class), convert to NCHW tensors and compute the train channel stats."""
+    x_train, y_train = a["x_train"], a["y_train"]
+    if per_class is not None:
+        rng = np.random.default_rng(seed)
+        keep = [rng.choice(np.flatnonzero(y_train == c), min(per_class, int((y_train == c).sum())), replace=False)
+                for c in range(len(a["classes"]))]
+        keep = np.sort(np.concatenate(keep))
+        x_train, y_train = x_train[keep], y_train[keep]
+    to_nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
+    xt = to_nchw(x_train)
+    mean, std = _channel_stats(xt)
+    return Dataset(name=name, x_train=xt, y_train=torch.from_numpy(y_train), x_test=to_nchw(a["x_test"]),
+                   y_test=torch.from_numpy(a["y_test"]), classes=a["classes"], mean=mean, std=std)

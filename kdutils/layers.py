@@ -1,0 +1,190 @@
+"""Generalized layers (the paper's unit of depth) and forward hooks that read or detach them.
+
+A generalized layer ends at every ReLU/LeakyReLU/ReLU6, residual block (BasicBlock, Bottleneck, InvertedResidual),
+transformer encoder block and nn.Flatten; residual and encoder blocks are not looked into, other modules are. For a
+torchvision ViT, layer 0 is the input of its ``encoder``: patch embedding + class token, before the position embedding.
+Logits are never a generalized layer.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn as nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.models.vision_transformer import Encoder, EncoderBlock
+
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6)
+_BLOCKS = (BasicBlock, Bottleneck, InvertedResidual, EncoderBlock)
+
+# METHOD.md section 2, "Baseline": the student/teacher distillation layers of the prior-work baselines
+# (last layer of each resolution stage); the narrow CPU pair follows the same rule.
+_STANDARD_LAYERS = {
+    "vgg19_bn": (3, 7, 11, 15),
+    "vgg11_bn": (1, 3, 5, 7),
+    "resnet34": (3, 7, 13, 16),
+    "resnet9": (1, 2, 3, 4),
+    "mobilenet_v2": (3, 6, 13, 17),
+    "vit_b": (2, 4, 8, 10),
+    "vit_et": (1, 3, 5, 7),
+    "resnet18_narrow": (2, 4, 6, 8),
+    "resnet10_narrow": (1, 2, 3, 4),
+}
+
+
+@dataclass(frozen=True)
+class GenLayer:
+    """One generalized layer: its index, the module it is read from, and how."""
+
+    index: int
+    path: str  # dotted path as in model.named_modules()
+    kind: str  # "relu" | "block" | "flatten" | "embed" | "fc"
+    hook: str  # "output" (forward hook on the module's output) or "input" (forward pre-hook, input[0])
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass once the deepest wanted layer has been read."""
+
+
+def generalized_layers(model: nn.Module) -> list[GenLayer]:
+    """The model's generalized layers in forward order (module registration order)."""
+    layers: list[GenLayer] = []
+    previous_leaf: nn.Module | None = None
+
+    def visit(module: nn.Module, path: str) -> None:
+        nonlocal previous_leaf
+        if isinstance(module, Encoder):
+            layers.append(GenLayer(len(layers), path, "embed", "input"))
+        if isinstance(module, _ACTIVATIONS):
+            kind = "fc" if isinstance(previous_leaf, nn.Linear) else "relu"
+            layers.append(GenLayer(len(layers), path, kind, "output"))
+        elif isinstance(module, _BLOCKS):
+            layers.append(GenLayer(len(layers), path, "block", "output"))
+        elif isinstance(module, nn.Flatten):
+            layers.append(GenLayer(len(layers), path, "flatten", "output"))
+        else:
+            for name, child in module.named_children():
+                visit(child, f"{path}.{name}" if path else name)
+        if not any(True for _ in module.children()) or isinstance(module, _BLOCKS):
+            previous_leaf = module
+
+    for name, child in model.named_children():
+        visit(child, name)
+    return layers
+
+
+def standard_layers(name: str) -> list[int]:
+    """The 4 standard ("Baseline") distillation layers of a model from ``kdutils.models.MODELS``."""
+    if name not in _STANDARD_LAYERS:
+        raise ValueError(f"no standard layers for {name!r}; known models: {', '.join(_STANDARD_LAYERS)}")
+    return list(_STANDARD_LAYERS[name])
+
+
+@contextmanager
+def tap(model: nn.Module, indices: Iterable[int], *, detach_at: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the requested generalized layers on every forward pass (and optionally detach one of them).
+
+    Yields a dict that each forward pass fills with ``index -> tensor`` (overwriting the previous pass); the tensors
+    keep their autograd graph. With ``detach_at=k`` the layer-k hook hands a detached tensor to the rest of the
+    network, so a loss on the output trains only the modules after layer k (the CE-free student head), while the
+    dict still holds the undetached layer-k tensor. Hooks are removed on exit, also after an exception.
+    """
+    layers = generalized_layers(model)
+    wanted = set(_check_indices(model, layers, indices))
+    hooked = wanted | set(_check_indices(model, layers, [] if detach_at is None else [detach_at]))
+    modules = dict(model.named_modules())
+    store: dict[int, torch.Tensor] = {}
+
+    def recorder(index: int) -> Callable[[torch.Tensor], torch.Tensor | None]:
+        def record(tensor: torch.Tensor) -> torch.Tensor | None:
+            if index in wanted:
+                store[index] = tensor
+            return tensor.detach() if index == detach_at else None
+        return record
+
+    handles = []
+    try:
+        for index in sorted(hooked):
+            handles.append(_hook(modules[layers[index].path], layers[index], recorder(index)))
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def extract(model: nn.Module, x: torch.Tensor, indices: Iterable[int], *, stop_early: bool = True
+            ) -> dict[int, torch.Tensor]:
+    """One forward pass of ``x``; returns the requested generalized layers' outputs.
+
+    With ``stop_early`` the forward is aborted right after the deepest requested layer, so later modules never run.
+    The model's train/eval mode is left as it is (call ``model.eval()`` first for inference features).
+    """
+    indices = sorted(set(indices))
+    if not indices:
+        raise ValueError("extract needs at least one generalized-layer index")
+    with tap(model, indices) as store:
+        stop = None
+        if stop_early:
+            deepest = generalized_layers(model)[indices[-1]]
+            stop = _hook(model.get_submodule(deepest.path), deepest, _raise_stop)
+        try:
+            model(x)
+        except _StopForward:
+            pass
+        finally:
+            if stop is not None:
+                stop.remove()
+    return dict(store)
+
+
+def layer_table(model: nn.Module, image_size: int, in_chans: int = 3) -> pd.DataFrame:
+    """Table of the generalized layers (index, path, kind, shape without batch dim, numel) for one image size."""
+    layers = generalized_layers(model)
+    param = next(model.parameters())
+    x = torch.zeros(1, in_chans, image_size, image_size, device=param.device, dtype=param.dtype)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            features = extract(model, x, range(len(layers)))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    rows = [{"index": layer.index, "path": layer.path, "kind": layer.kind,
+             "shape": tuple(features[layer.index].shape[1:]), "numel": features[layer.index][0].numel()}
+            for layer in layers]
+    return pd.DataFrame(rows, columns=["index", "path", "kind", "shape", "numel"])
+
+
+def _check_indices(model: nn.Module, layers: list[GenLayer], indices: Iterable[int]) -> list[int]:
+    """Validate generalized-layer indices against the model, with an error naming the valid range."""
+    checked = [operator.index(i) for i in indices]
+    bad = [i for i in checked if not 0 <= i < len(layers)]
+    if bad:
+        raise IndexError(f"generalized-layer index {bad[0]} out of range: {type(model).__name__} has {len(layers)} "
+                         f"generalized layers, valid indices are 0..{len(layers) - 1} (see layers.layer_table)")
+    return checked
+
+
+def _hook(module: nn.Module, layer: GenLayer, fn: Callable[[torch.Tensor], torch.Tensor | None]
+          ) -> torch.utils.hooks.RemovableHandle:
+    """Register ``fn`` on the layer's tensor; a tensor returned by ``fn`` replaces it in the forward pass."""
+    if layer.hook == "input":
+        def pre_hook(_module: nn.Module, args: tuple) -> tuple | None:
+            new = fn(args[0])
+            return None if new is None else (new, *args[1:])
+        return module.register_forward_pre_hook(pre_hook)
+
+    def forward_hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        return fn(output)
+    return module.register_forward_hook(forward_hook)
+
+
+def _raise_stop(_tensor: torch.Tensor) -> None:
+    """Hook body that ends the forward pass."""
+    raise _StopForward

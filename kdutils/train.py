@@ -1,0 +1,214 @@
+"""Training: seeding, evaluation, the AdamW + OneCycle loop, and atomic, resumable checkpoints."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kdutils.data import Dataset, batches, normalize
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def default_device() -> torch.device:
+    """The CUDA device when one is present, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch (CPU and CUDA) random number generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Move a model to the device, in channels_last memory format on CUDA."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def to_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Put an image batch in the memory format the device prefers."""
+    return xb.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and xb.dim() == 4 else xb
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, *, mean, std, batch_size: int = 512) -> torch.Tensor:
+    """Logits (float32, on x's device) of a model over uint8 images x, in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = normalize(x[i:i + batch_size].to(device, non_blocking=True), mean, std)
+        with autocast(device):
+            out.append(model(to_input(xb, device)).float())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std, batch_size: int = 512) -> float:
+    """Top-1 accuracy in [0, 1] of a model on uint8 images x with labels y."""
+    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size)
+    return (logits.argmax(1).cpu() == y.cpu()).float().mean().item() if len(y) else float("nan")
+
+
+def cross_entropy_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The default training loss: plain cross-entropy on the model's logits."""
+    logits = model(xb)
+    return F.cross_entropy(logits, yb), logits
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a result depends on, for checkpoints and manifests."""
+    import torchvision
+    versions = {"python": platform.python_version(), "torch": str(torch.__version__),
+                "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
+    try:
+        import timm
+        versions["timm"] = str(timm.__version__)
+    except ImportError:  # timm is a declared dependency, but versions should never crash a run
+        versions["timm"] = "missing"
+    return versions
+
+
+def state_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of a model's state_dict (names, shapes and values): the key of caches built from it."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                 if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: str | Path, state: dict) -> Path:
+    """Write a checkpoint atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint (tensors and plain data only: weights_only=True)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: train the model first (fit(..., checkpoint=path)).")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated/corrupt file or a pickle that is not plain data
+        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
+                           "delete it and train again.") from e
+
+
+def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 128,
+        weight_decay: float = 0.01, seed: int = 0, augment: bool = False, loss_fn: LossFn | None = None,
+        extra: nn.Module | None = None, checkpoint: str | Path | None = None, meta: dict | None = None,
+        device: torch.device | str | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
+    """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    device = torch.device(device) if device is not None else default_device()
+    loss_fn = loss_fn or cross_entropy_loss
+    model = prepare_model(model, device)
+    if extra is not None:
+        extra.to(device)
+    data = data.to(device)
+    drop_last = data.num_train > batch_size
+    steps = data.num_train // batch_size if drop_last else -(-data.num_train // batch_size)
+    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
+                                                pct_start=0.3)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+              "augment": augment, "num_train": data.num_train, "dataset": data.name}
+    meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed}
+    history: list[dict] = []
+
+    if checkpoint is not None and Path(checkpoint).exists():
+        ck = load_checkpoint(checkpoint, map_location=device)
+        diff = {k: (ck["config"].get(k), v) for k, v in config.items() if ck["config"].get(k) != v}
+        if diff:
+            raise ValueError(f"checkpoint {checkpoint} was written by a different run (saved vs now: {diff}); "
+                             "delete it or choose another run directory.")
+        model.load_state_dict(ck["model"])
+        if extra is not None and ck.get("extra") is not None:
+            extra.load_state_dict(ck["extra"])
+        history = list(ck["history"])
+        if ck["epoch"] >= epochs:
+            print(f"{desc}: reusing finished checkpoint {checkpoint} "
+                  f"({epochs} epochs, test acc {history[-1]['test_acc']:.4f})")
+            return history
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        print(f"{desc}: resuming {checkpoint} after epoch {ck['epoch']} of {epochs}")
+
+    for epoch in range(len(history) + 1, epochs + 1):
+        model.train()
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # data order depends only on (seed, epoch)
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        it = batches(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen, drop_last=drop_last,
+                     mean=data.mean, std=data.std, augment=augment, with_index=True)
+        bar = tqdm(it, total=steps, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
+        for xb, yb, idx in bar:
+            with autocast(device):
+                loss, logits = loss_fn(model, to_input(xb, device), yb, idx)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            loss_sum += loss.detach().float() * len(yb)
+            correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(yb)
+        test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
+        row = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
+               "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0]}
+        history.append(row)
+        print(f"{desc} epoch {epoch}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
+              f"test acc {test_acc:.4f}  ({row['seconds']:.1f}s)", flush=True)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+                "history": history, "config": config,
+                "meta": {**meta, "epoch": epoch, "accuracy": test_acc, "versions": library_versions()}})
+    return history

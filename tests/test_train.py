@@ -1,0 +1,124 @@
+"""fit learns, checkpoints are atomic and round-trip, and an interrupted run resumes exactly."""
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdutils.data import load_dataset
+from kdutils.models import build_model
+from kdutils.train import (evaluate, fit, load_checkpoint, save_checkpoint, seed_everything, state_fingerprint)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def small(ds, n_train=256, n_test=128):
+    """A deterministic slice of a dataset, for fast loop tests."""
+    import dataclasses
+    return dataclasses.replace(ds, x_train=ds.x_train[:n_train], y_train=ds.y_train[:n_train],
+                               x_test=ds.x_test[:n_test], y_test=ds.y_test[:n_test])
+
+
+def test_fit_learns_digits(digits):
+    seed_everything(0)
+    model = build_model("resnet10_narrow", digits.num_classes)
+    history = fit(model, digits, epochs=4, lr=0.0075, seed=0, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert history[-1]["test_acc"] > 0.85
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert set(history[0]) >= {"epoch", "loss", "train_acc", "test_acc", "seconds", "lr"}
+    # evaluate agrees with the history's last test accuracy
+    assert evaluate(model, digits.x_test, digits.y_test, mean=digits.mean, std=digits.std) == pytest.approx(
+        history[-1]["test_acc"])
+
+
+def test_checkpoint_roundtrip_and_reuse(digits, tmp_path):
+    ds = small(digits)
+    seed_everything(1)
+    model = build_model("resnet10_narrow", ds.num_classes)
+    ck = tmp_path / "run" / "model.pt"
+    history = fit(model, ds, epochs=2, lr=0.005, seed=1, checkpoint=ck, meta={"model": "resnet10_narrow"},
+                  progress=False)
+    state = load_checkpoint(ck)
+    assert state["epoch"] == 2 and state["history"] == history
+    assert state["meta"]["model"] == "resnet10_narrow" and state["meta"]["seed"] == 1
+    assert state["meta"]["dataset"] == "digits" and state["meta"]["num_classes"] == 10
+    assert state["meta"]["accuracy"] == history[-1]["test_acc"]
+    assert "torch" in state["meta"]["versions"]
+    fresh = build_model("resnet10_narrow", ds.num_classes)
+    fresh.load_state_dict(state["model"])
+    assert state_fingerprint(fresh) == state_fingerprint(model)
+
+    # a finished checkpoint is reused: no training step runs
+    def boom(*args):
+        raise AssertionError("training should not run for a finished checkpoint")
+    again = build_model("resnet10_narrow", ds.num_classes)
+    assert fit(again, ds, epochs=2, lr=0.005, seed=1, checkpoint=ck, loss_fn=boom, progress=False) == history
+    assert state_fingerprint(again) == state_fingerprint(model)
+
+    # a checkpoint from a different configuration is refused, naming the fix
+    with pytest.raises(ValueError, match="delete it"):
+        fit(build_model("resnet10_narrow", 10), ds, epochs=3, lr=0.005, seed=1, checkpoint=ck, progress=False)
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(digits, tmp_path):
+    ds = small(digits)
+
+    def run(checkpoint, interrupt_at=None):
+        calls = {"n": 0}
+
+        def loss_fn(model, xb, yb, idx):
+            calls["n"] += 1
+            if interrupt_at is not None and calls["n"] == interrupt_at:
+                raise KeyboardInterrupt
+            logits = model(xb)
+            return F.cross_entropy(logits, yb), logits
+        seed_everything(3)
+        model = build_model("resnet10_narrow", ds.num_classes)
+        return model, fit(model, ds, epochs=3, lr=0.005, seed=3, augment=True, loss_fn=loss_fn,
+                          checkpoint=checkpoint, progress=False)
+
+    ref_model, ref_hist = run(tmp_path / "ref.pt")
+    ck = tmp_path / "interrupted.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(ck, interrupt_at=2 * 2 + 1)  # 2 steps per epoch: dies in the middle of epoch 3
+    assert load_checkpoint(ck)["epoch"] == 2
+    resumed_model, resumed_hist = run(ck)
+    assert [h["epoch"] for h in resumed_hist] == [1, 2, 3]
+    for a, b in zip(ref_hist, resumed_hist):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["test_acc"] == b["test_acc"]
+    for (name, a), b in zip(ref_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5), name
+
+
+def test_save_is_atomic_and_corrupt_files_are_reported(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"w": torch.ones(3)})
+
+    def failing_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError("disk full")
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"w": torch.zeros(3)})
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["w"], torch.ones(3))  # old checkpoint intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]        # no temporary file left behind
+
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="delete it"):
+        load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_fingerprint_changes_with_weights():
+    seed_everything(0)
+    m = build_model("resnet10_narrow", 10)
+    before = state_fingerprint(m)
+    with torch.no_grad():
+        next(m.parameters())[0].add_(1e-3)
+    assert state_fingerprint(m) != before
