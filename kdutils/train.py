@@ -212,3 +212,17 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
                 "history": history, "config": config,
                 "meta": {**meta, "epoch": epoch, "accuracy": test_acc, "versions": library_versions()}})
     return history
+
+
+def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
+    """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode."""
+    from kdutils.models import build_model
+    ck = load_checkpoint(path)
+    meta = ck.get("meta", {})
+    missing = [k for k in ("model", "num_classes") if k not in meta]
+    if missing:
+        raise ValueError(f"checkpoint {path} has no {missing} in its meta; train it with "
+                         "fit(..., meta={'model': name, 'image_size': size}).")
+    model = build_model(meta["model"], meta["num_classes"], image_size=meta.get("image_size", 32))
+    model.load_state_dict(ck["model"])
+    return prepare_model(model, torch.device(device) if device is not None else default_device()).eval()

@@ -122,3 +122,18 @@ def test_fingerprint_changes_with_weights():
     with torch.no_grad():
         next(m.parameters())[0].add_(1e-3)
     assert state_fingerprint(m) != before
+
+
+def test_load_model_rebuilds_a_trained_checkpoint(digits, tmp_path):
+    ds = small(digits, 128, 64)
+    seed_everything(4)
+    model = build_model("resnet10_narrow", ds.num_classes)
+    ck = tmp_path / "m.pt"
+    fit(model, ds, epochs=1, lr=0.005, seed=4, checkpoint=ck, meta={"model": "resnet10_narrow", "image_size": 32},
+        progress=False)
+    from kdutils.train import load_model
+    loaded = load_model(ck, device="cpu")
+    assert not loaded.training and state_fingerprint(loaded) == state_fingerprint(model)
+    save_checkpoint(tmp_path / "nometa.pt", {"model": model.state_dict(), "meta": {}})
+    with pytest.raises(ValueError, match="meta"):
+        load_model(tmp_path / "nometa.pt")

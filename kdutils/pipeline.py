@@ -1,0 +1,565 @@
+"""Presets, run-directory artifacts (atomic JSON, manifests), result tables and the headless notebook runner.
+
+Every notebook starts the same way: its `parameters` cell holds `preset = "auto"`, `run_dir = None` and, for each
+preset key it lets you change, `key = None` (None keeps the preset's value). It then calls
+
+    config = resolve_config(preset, **config_overrides(globals()))
+
+so `papermill nb.ipynb out.ipynb -p preset quick -p student_epochs 2` and the pipeline's `-p student_epochs 2` both
+work. Each notebook reads its inputs with `require_artifact` (a clear "run notebook N first" error), writes its outputs
+into `run_dir` and records them with `write_manifest`. Notebook 5 writes `run_dir/results.json` (`summarize_runs`).
+
+Run all five notebooks headless, in order, stopping at the first failing cell:
+
+    python -m kdutils.pipeline --preset quick --run-dir runs/quick -p student_epochs 2
+    python -m kdutils.pipeline --list-presets
+
+papermill, nbformat and yaml are imported only by the runner and the CLI, so notebooks need none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdutils.distill import METHODS  # method name -> one-line description
+from kdutils.train import default_device, library_versions
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS = ("01_train_teacher.ipynb", "02_probe_layer_geometry.ipynb", "03_compute_kq.ipynb",
+             "04_distill_without_ce.ipynb", "05_compare_to_hinton_kd.ipynb")
+RESULTS_FILE = "results.json"
+
+# Peak (OneCycle max) learning rate per model: METHOD.md decision 3 (MaxLR), for teachers and students alike.
+PEAK_LR = {
+    "resnet34": 0.0075, "resnet9": 0.0075, "mobilenet_v2": 0.0075,
+    "vgg19_bn": 0.005, "vgg11_bn": 0.005,
+    "vit_b": 0.0001, "vit_et": 0.001,
+    "resnet18_narrow": 0.0075, "resnet10_narrow": 0.0075,
+}
+
+# Teacher -> student pairs: the paper's four, plus the CPU-scale pair of the `quick` and `cifar10-cpu` presets.
+PAIRS = {
+    "resnet34-resnet9": {"teacher": "resnet34", "student": "resnet9"},
+    "vgg19-vgg11": {"teacher": "vgg19_bn", "student": "vgg11_bn"},
+    "resnet34-mobilenetv2": {"teacher": "resnet34", "student": "mobilenet_v2"},
+    "vitb-vitet": {"teacher": "vit_b", "student": "vit_et"},
+    "resnet18_narrow-resnet10_narrow": {"teacher": "resnet18_narrow", "student": "resnet10_narrow"},
+}
+
+IMAGE_SIZES = {"digits": 32, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+
+PARAMETERS = {
+    "dataset": "dataset name (digits, cifar10, cifar100, tinyimagenet) or a path to an .npz file",
+    "per_class": "keep this many training images per class (seeded subset); None = the whole train split",
+    "image_size": "input height/width in pixels (the dataset decides; recorded for the models)",
+    "pair": "teacher-student pair (one of Pairs below); sets teacher, student and their peak LRs",
+    "teacher": "teacher model name (kdutils.models)",
+    "student": "student model name (kdutils.models)",
+    "pretrained": "start the teacher from ImageNet weights (falls back to scratch with a message when offline)",
+    "teacher_epochs": "teacher training / fine-tuning epochs",
+    "student_epochs": "epochs of every student run (all methods share the budget)",
+    "teacher_lr": "teacher peak LR (AdamW + OneCycle)",
+    "student_lr": "student peak LR, the same for every method",
+    "weight_decay": "AdamW weight decay",
+    "batch_size": "minibatch size",
+    "augment": "random crop + horizontal flip (the paper's main runs use none)",
+    "seeds": "student seeds, one run per method and seed (the teacher uses the first)",
+    "methods": "student methods to train and compare (see Methods below)",
+    "kq_samples": "class-balanced training images used for knowledge quality (KQ)",
+    "k": "number of distilled layers (top-k teacher layers by KQ, paired with the student's standard layers)",
+}
+
+_CPU_PAIR = "resnet18_narrow-resnet10_narrow"
+_CPU_METHODS = ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers"]
+
+
+def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int], pretrained: bool,
+            methods: list[str], image_size: int = 32, per_class: int | None = None) -> dict:
+    """One preset's full key set (teacher, student and LRs follow from the pair)."""
+    teacher, student = PAIRS[pair]["teacher"], PAIRS[pair]["student"]
+    return {"dataset": dataset, "per_class": per_class, "image_size": image_size, "pair": pair,
+            "teacher": teacher, "student": student, "pretrained": pretrained,
+            "teacher_epochs": epochs[0], "student_epochs": epochs[1],
+            "teacher_lr": PEAK_LR[teacher], "student_lr": PEAK_LR[student], "weight_decay": 0.01,
+            "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods, "kq_samples": 5000, "k": 4}
+
+
+PRESETS = {
+    "quick": _preset("digits", _CPU_PAIR, epochs=(4, 4), seeds=[0], pretrained=False, methods=_CPU_METHODS),
+    "cifar10-cpu": _preset("cifar10", _CPU_PAIR, epochs=(15, 15), seeds=[0, 1, 2], pretrained=False,
+                           methods=_CPU_METHODS, per_class=500),
+    "cifar10": _preset("cifar10", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
+                       methods=[*_CPU_METHODS, "fitnets_kd"]),
+    "cifar100": _preset("cifar100", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
+                        methods=[*_CPU_METHODS, "fitnets_kd"]),
+    "tinyimagenet": _preset("tinyimagenet", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
+                            methods=[*_CPU_METHODS, "fitnets_kd"], image_size=64),
+}
+
+PRESET_NOTES = {
+    "quick": "CPU smoke run on scikit-learn's bundled digits (offline); all five notebooks in a few minutes",
+    "cifar10-cpu": "CIFAR-10 (500 train images per class, full test set) with the CPU-scale pair and 3 seeds; "
+                   "CPU, about an hour",
+    "cifar10": "the paper's setting on CIFAR-10 (50 epochs, AdamW/OneCycle, no augmentation, 3 seeds); GPU",
+    "cifar100": "the paper's setting on CIFAR-100 (fine labels); GPU",
+    "tinyimagenet": "the paper's setting on Tiny ImageNet (64x64, 200 classes); GPU",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+
+def preset_name(preset: str = "auto") -> str:
+    """The concrete preset for a name: 'auto' is cifar10 when CUDA is available, else quick."""
+    if preset == "auto":
+        return "cifar10" if torch.cuda.is_available() else "quick"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of: auto, {', '.join(PRESETS)}.")
+    return preset
+
+
+def _checked(key: str, value: Any, default: Any) -> Any:
+    """`value` if it has the kind of the preset's `default` (ints -> floats, tuples -> lists), else a ValueError."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "per_class":
+        kind, ok = "a positive int or None", value is None or (number and isinstance(value, int) and value > 0)
+    elif isinstance(default, bool):
+        kind, ok = "True or False", isinstance(value, bool)
+    elif isinstance(default, int):
+        kind, ok = "a positive int", number and isinstance(value, int) and value > 0
+    elif isinstance(default, float):
+        kind, ok = ("a number >= 0", number and value >= 0) if key == "weight_decay" else \
+            ("a positive number", number and value > 0)
+        value = float(value) if ok else value
+    elif isinstance(default, list):
+        kind, ok = "a non-empty list, e.g. -p seeds [0,1,2]", isinstance(value, (list, tuple)) and len(value) > 0
+        value = list(value) if ok else value
+    else:
+        kind, ok = "a non-empty string", isinstance(value, str) and value != ""
+    if not ok:
+        raise ValueError(f"{key} must be {kind} (preset value: {default!r}); got {value!r}.")
+    return value
+
+
+def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
+    """The preset's settings with `overrides` applied; `pair`/`teacher`/`student` bring their peak LRs along."""
+    name = preset_name(preset)
+    config = copy.deepcopy(PRESETS[name])
+    unknown = sorted(set(overrides) - set(config))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(config)}.")
+    overrides = {key: _checked(key, value, config[key]) for key, value in overrides.items()}
+
+    if "pair" in overrides:
+        if overrides["pair"] not in PAIRS:
+            raise ValueError(f"unknown pair {overrides['pair']!r}; choose one of: {', '.join(PAIRS)}.")
+        config.update(PAIRS[overrides["pair"]])
+    config.update({k: overrides[k] for k in ("teacher", "student") if k in overrides})
+    for role in ("teacher", "student"):
+        if f"{role}_lr" not in overrides and {"pair", role} & set(overrides):
+            if config[role] not in PEAK_LR:
+                raise ValueError(f"no default peak LR for {role} {config[role]!r} (known: {', '.join(PEAK_LR)}); "
+                                 f"pass {role}_lr explicitly.")
+            config[f"{role}_lr"] = PEAK_LR[config[role]]
+    if "dataset" in overrides and "image_size" not in overrides:
+        config["image_size"] = IMAGE_SIZES.get(overrides["dataset"], config["image_size"])
+    config.update({k: v for k, v in overrides.items() if k not in ("pair", "teacher", "student")})
+
+    config["pair"] = next((p for p, m in PAIRS.items() if m == {"teacher": config["teacher"],
+                                                                 "student": config["student"]}),
+                          f"{config['teacher']}-{config['student']}")
+    bad = [m for m in config["methods"] if m not in METHODS]
+    if bad:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}; choose from: {', '.join(METHODS)}.")
+    if not all(isinstance(s, int) and not isinstance(s, bool) for s in config["seeds"]):
+        raise ValueError(f"seeds must be a list of ints, e.g. [0, 1, 2]; got {config['seeds']!r}.")
+    return {"preset": name, **config}
+
+
+def config_overrides(namespace: Mapping[str, Any]) -> dict:
+    """The preset keys set (not None) in a notebook's namespace, e.g. `config_overrides(globals())`."""
+    return {key: namespace[key] for key in PARAMETERS if namespace.get(key) is not None}
+
+
+def _project_base() -> Path:
+    """The project folder for an editable install (it holds pyproject.toml), else the working directory (Colab)."""
+    return REPO_ROOT if (REPO_ROOT / "pyproject.toml").exists() else Path.cwd()
+
+
+def default_run_dir(preset: str) -> Path:
+    """Where a preset's artifacts go when no run_dir is given: runs/<preset> in the project folder."""
+    return _project_base() / "runs" / preset
+
+
+def default_data_root() -> Path:
+    """Where datasets live when no data_root is given: the project's data/ folder."""
+    return _project_base() / "data"
+
+
+def config_frame(config: dict) -> "pandas.DataFrame":
+    """A config as a two-column table (key, value) for display in a notebook."""
+    import pandas as pd
+    return pd.DataFrame({"key": list(config), "value": [str(v) for v in config.values()]}).set_index("key")
+
+
+def describe_presets() -> str:
+    """Human-readable list of presets, their values, the pairs, methods and what every key means (for --help)."""
+    lines = ['Presets (--preset NAME; "auto" = cifar10 when CUDA is available, else quick):']
+    for name, values in PRESETS.items():
+        lines.append(f"  {name}: {PRESET_NOTES[name]}")
+        text = "  ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"
+                        for k, v in values.items())
+        lines += textwrap.wrap(text, 110, initial_indent=" " * 6, subsequent_indent=" " * 6, break_on_hyphens=False)
+    lines.append("Pairs (-p pair NAME sets teacher, student and their peak LRs):")
+    lines += [f"  {p}: {m['teacher']} (lr {PEAK_LR[m['teacher']]}) -> {m['student']} (lr {PEAK_LR[m['student']]})"
+              for p, m in PAIRS.items()]
+    lines.append("Methods:")
+    lines += [f"  {m}: {d}" for m, d in METHODS.items()]
+    lines.append("Parameters (-p KEY VALUE overrides any preset key; VALUE is parsed like papermill's -p, "
+                 "plus lists like [0,1,2]):")
+    lines += [f"  {k}: {d}" for k, d in PARAMETERS.items()]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# run-directory artifacts
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON via a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def git_commit(repo: str | Path = REPO_ROOT) -> dict | None:
+    """The checked-out commit of `repo` and whether the work tree has changes, or None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+    try:
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    except (OSError, subprocess.SubprocessError):  # no git, not a repository, or no commit yet
+        return None
+
+
+def require_artifact(path: str | Path, notebook: str) -> Path:
+    """`path` if it exists, else a FileNotFoundError saying which notebook produces it."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"missing {path}: run notebooks/{notebook} first "
+                                f"(or the whole pipeline: python -m kdutils.pipeline --run-dir {path.parent}).")
+    return path
+
+
+def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: dict[str, Path]) -> Path:
+    """Record a notebook's config, seeds, versions, device, git commit and artifact hashes in run_dir/manifests/."""
+    run_dir = Path(run_dir)
+    files = {}
+    for name, path in artifacts.items():
+        path = require_artifact(path, notebook)
+        shown = path.resolve().relative_to(run_dir.resolve()) if path.resolve().is_relative_to(run_dir.resolve()) \
+            else path.resolve()
+        files[name] = {"path": str(shown), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    device = default_device()
+    manifest = {
+        "notebook": notebook,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "preset": config.get("preset"),
+        "seeds": config.get("seeds"),
+        "config": config,
+        "versions": library_versions(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "git": git_commit(),
+        "artifacts": files,
+    }
+    return write_json_atomic(run_dir / "manifests" / f"{Path(notebook).stem}.json", manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# results
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1; 0.0 for a single value)."""
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: str, dataset: str) -> dict:
+    """Per-method final/best test accuracy (mean, sample std over runs), time per run and epochs to reach CE.
+
+    `runs[method]` holds one per-epoch history (rows with epoch, loss, train_acc, test_acc, seconds) per seed. Per
+    method: final = last epoch's test_acc, best = max over epochs, `seeds` = number of runs, `seconds` = mean total
+    seconds per run, plus the per-run lists `final_acc`/`best_acc`, the mean test-accuracy curve `curve` and
+    `epochs_to_ce_final`: the first epoch whose mean test accuracy reaches the CE student's final mean (None if never,
+    or when there is no "ce" method).
+    """
+    methods = {}
+    for method, histories in runs.items():
+        if not histories or not all(histories):
+            raise ValueError(f"method {method!r} has an empty run list or an empty history; pass one list of "
+                             f"per-epoch rows per seed.")
+        lengths = {len(h) for h in histories}
+        if len(lengths) > 1:
+            raise ValueError(f"method {method!r} has runs of different lengths {sorted(lengths)}; "
+                             "summarize runs with the same number of epochs.")
+        final = [h[-1]["test_acc"] for h in histories]
+        best = [max(row["test_acc"] for row in h) for h in histories]
+        final_mean, final_std = _mean_std(final)
+        best_mean, best_std = _mean_std(best)
+        methods[method] = {
+            "final_acc_mean": final_mean, "final_acc_std": final_std,
+            "best_acc_mean": best_mean, "best_acc_std": best_std,
+            "seeds": len(histories),
+            "seconds": _mean_std([sum(row["seconds"] for row in h) for h in histories])[0],
+            "final_acc": final, "best_acc": best,
+            "epochs": [row["epoch"] for row in histories[0]],
+            "curve": [_mean_std([h[i]["test_acc"] for h in histories])[0] for i in range(len(histories[0]))],
+        }
+    target = methods["ce"]["final_acc_mean"] if "ce" in methods else None
+    for summary in methods.values():
+        reached = [e for e, acc in zip(summary["epochs"], summary["curve"]) if target is not None and acc >= target]
+        summary["epochs_to_ce_final"] = reached[0] if reached else None
+    return {"preset": preset, "dataset": dataset,
+            "teacher": {"model": teacher["model"], "test_acc": teacher["test_acc"]}, "methods": methods}
+
+
+def results_markdown(results: dict) -> str:
+    """A Markdown table of summarize_runs output: accuracies in percent, gain over CE in points, teacher line."""
+    methods = results["methods"]
+    ce = methods.get("ce", {}).get("final_acc_mean")
+    pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
+    lines = [f"Preset `{results['preset']}`, dataset `{results['dataset']}`. Teacher `{results['teacher']['model']}`: "
+             f"{100 * results['teacher']['test_acc']:.2f}% test accuracy.",
+             "",
+             "Test accuracy in %, mean ± sample std over seeds; final = last epoch (headline), best = best epoch "
+             "(the paper's protocol). Gain over ce uses final accuracy, in points.",
+             "",
+             "| method | final acc (%) | best acc (%) | gain over ce | epoch reaching ce final | seeds | seconds/run |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        gain = "" if ce is None or name == "ce" else f"{100 * (m['final_acc_mean'] - ce):+.2f}"
+        reach = m.get("epochs_to_ce_final")
+        lines.append(f"| {name} | {pct(m['final_acc_mean'], m['final_acc_std'])} | "
+                     f"{pct(m['best_acc_mean'], m['best_acc_std'])} | {gain} | {'never' if reach is None else reach} | "
+                     f"{m['seeds']} | {m['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# headless runner
+
+class NotebookFailed(RuntimeError):
+    """A pipeline notebook raised: the notebook, the failing cell, the error and the executed copy's path.
+
+    `cell_index` counts the cells of the notebook as you open it (from 0, markdown cells included);
+    `executed_cell_index` is papermill's index, which also counts the injected-parameters cell.
+    """
+
+    def __init__(self, notebook: str, executed: Path, cell_index: int | None, ename: str, evalue: str,
+                 source: str = "", executed_cell_index: int | None = None):
+        self.notebook, self.executed, self.cell_index, self.ename, self.evalue = \
+            notebook, executed, cell_index, ename, evalue
+        self.executed_cell_index = executed_cell_index
+        first_line = next((line for line in source.splitlines() if line.strip()), "")
+        where = f"cell {cell_index}" + (f" ({first_line[:60]!r})" if first_line else "")
+        super().__init__(f"{notebook} failed in {where}: {ename}: {evalue} "
+                         f"(traceback in the executed copy {executed})")
+
+
+def _source_cell_index(notebook: Path, executed: Path, fallback: int | None) -> int | None:
+    """Index in `notebook` of the cell papermill marked as failed in `executed` (matched by cell id)."""
+    import nbformat
+    try:
+        failed = next(c.get("id") for c in nbformat.read(executed, as_version=4).cells
+                      if c.metadata.get("papermill", {}).get("exception"))
+        ids = [c.get("id") for c in nbformat.read(notebook, as_version=4).cells]
+        return ids.index(failed) if failed is not None else fallback
+    except (StopIteration, ValueError, OSError):  # no marked cell, or a notebook without cell ids
+        return fallback
+
+
+def _launches_current_python(argv: Sequence[str]) -> bool:
+    """Whether a kernel spec's command starts sys.executable (jupyter_client maps a bare 'python' to it)."""
+    exe = argv[0] if argv else ""
+    bare = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    return exe in bare or (Path(exe).is_absolute() and Path(exe).parent == Path(sys.executable).parent
+                           and Path(exe).name.startswith("python"))
+
+
+def current_kernel_name() -> str:
+    """The name of a Jupyter kernel spec that runs this interpreter ('python3' when it does)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    manager = KernelSpecManager()
+    for name in sorted(manager.find_kernel_specs(), key=lambda n: n != "python3"):
+        spec = manager.get_kernel_spec(name)
+        if spec.language.lower() == "python" and _launches_current_python(spec.argv):
+            return name
+    raise RuntimeError(f"no Jupyter kernel runs {sys.executable}. Register one with "
+                       f"`{sys.executable} -m ipykernel install --user --name kd-without-ce` "
+                       "and pass --kernel kd-without-ce (kernel_name='kd-without-ce').")
+
+
+def notebook_parameters(path: str | Path) -> dict[str, str]:
+    """The names and default values (as source text) of a notebook's `parameters` cell."""
+    import nbformat
+    from papermill.translators import PythonTranslator
+    nb = nbformat.read(path, as_version=4)
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    return {} if cell is None else {p.name: p.default for p in PythonTranslator.inspect(cell)}
+
+
+def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None = None,
+                 notebooks_dir: str | Path = NOTEBOOKS_DIR, kernel_name: str | None = None,
+                 log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS) -> dict:
+    """Execute the notebooks in order with papermill into run_dir/executed/, then tabulate run_dir/results.json."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    params = dict(params or {})
+    reserved = sorted({"preset", "run_dir"} & set(params))
+    if reserved:
+        raise ValueError(f"pass {' and '.join(reserved)} as arguments of run_pipeline (--preset/--run-dir), "
+                         "not as notebook parameters.")
+    config = resolve_config(preset, **{k: v for k, v in params.items() if k in PARAMETERS})
+    notebooks_dir = Path(notebooks_dir).resolve()
+    paths = [notebooks_dir / name for name in notebooks]
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"notebook(s) not found: {', '.join(missing)}; pass notebooks_dir= "
+                                "(--notebooks-dir) pointing at the repository's notebooks/ folder.")
+    declared = set().union(*(notebook_parameters(p) for p in paths))
+    unknown = sorted(set(params) - set(PARAMETERS) - declared)
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}: neither a config key ({', '.join(PARAMETERS)}) "
+                         f"nor a parameter of the notebooks ({', '.join(sorted(declared)) or 'none'}).")
+
+    run_dir = Path(run_dir).resolve()  # absolute: the notebooks run with cwd=notebooks_dir
+    (run_dir / "executed").mkdir(parents=True, exist_ok=True)
+    kernel_name = kernel_name or current_kernel_name()
+    parameters = {"preset": config["preset"], "run_dir": str(run_dir),
+                  **({"progress": False} if "progress" in declared else {}), **params}  # one log line per epoch
+    log = print if progress else (lambda *a, **k: None)
+    log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
+    for i, path in enumerate(paths, 1):
+        executed = run_dir / "executed" / path.name
+        log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
+        start = time.perf_counter()
+        try:
+            papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
+                                       language="python", cwd=str(notebooks_dir), log_output=log_output,
+                                       progress_bar=progress)
+        except PapermillExecutionError as err:
+            index = _source_cell_index(path, executed, fallback=err.cell_index)
+            raise NotebookFailed(path.name, executed, index, err.ename, err.evalue, err.source,
+                                 executed_cell_index=err.cell_index) from err
+        except Exception as err:  # kernel death, timeouts: still name the notebook
+            raise NotebookFailed(path.name, executed, None, type(err).__name__, str(err)) from err
+        log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
+
+    results = json.loads(require_artifact(run_dir / RESULTS_FILE, notebooks[-1]).read_text())
+    table = results_markdown(results)
+    (run_dir / "results.md").write_text(table)
+    print(table)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def parse_value(text: str) -> Any:
+    """A -p value as papermill reads it (True/False/None/int/float, else str), plus [lists] and {dicts}."""
+    literals = {"True": True, "False": False, "None": None}
+    if text in literals:
+        return literals[text]
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "{"):
+        import yaml  # a papermill dependency; YAML also reads JSON and unquoted lists like [ce, hinton_kd]
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"could not parse {text!r} as a list/dict: {err}") from err
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of `python -m kdutils.pipeline`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kdutils.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the five notebooks headless with papermill, in order, stopping at the first failing "
+                    "cell; executed copies go to RUN_DIR/executed/, the result table to RUN_DIR/results.md.",
+        epilog=describe_presets())
+    parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="settings preset (default auto)")
+    parser.add_argument("--run-dir", type=Path, help="where artifacts go (default runs/<preset>)")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="override a preset key or pass a notebook parameter (repeatable)")
+    parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="folder holding the notebooks")
+    parser.add_argument("--notebooks", nargs="+", default=list(NOTEBOOKS), metavar="NAME",
+                        help="run only these notebooks, in this order (default: all five)")
+    parser.add_argument("--kernel", help="Jupyter kernel name (default: the one that runs this Python)")
+    parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
+    parser.add_argument("--list-presets", action="store_true", help="print the presets and parameters and exit")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 1 a notebook or input failed, 2 bad arguments)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.list_presets:
+        print(describe_presets())
+        return 0
+    try:
+        params = {name: parse_value(value) for name, value in args.parameter}
+        run_dir = args.run_dir or default_run_dir(preset_name(args.preset))
+        run_pipeline(run_dir, args.preset, params, notebooks_dir=args.notebooks_dir, kernel_name=args.kernel,
+                     log_output=args.log_output, progress=not args.no_progress, notebooks=args.notebooks)
+    except ValueError as err:
+        parser.error(str(err))
+    except (NotebookFailed, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,367 @@
+"""distill: loss values by hand, projector shapes and alignment, gradient isolation of the CE-free head, the teacher
+cache (reuse, invalidation, on-the-fly fallback), every method end to end, and the teacher left untouched."""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kdutils.data import batches, load_dataset
+from kdutils.distill import (METHODS, distill, distill_loss, feature_loss, feature_map, kd_loss, make_projectors,
+                             pair_layers, teacher_targets)
+from kdutils.layers import extract, standard_layers
+from kdutils.models import build_model
+from kdutils.train import load_checkpoint, seed_everything, state_fingerprint
+
+TEACHER, STUDENT = "resnet18_narrow", "resnet10_narrow"
+KQ_LIKE = [5, 6, 7, 8]   # deep teacher layers, as KQ picks them; fixed here so the tests need no KQ run
+# end-to-end runs use a second resnet10_narrow as the teacher (9x cheaper than resnet18_narrow on a shared CPU);
+# its deep layers 2..5 end in the pooled 128-vector, so they also exercise the vector and student-pooling cases
+SMALL, SMALL_LAYERS = "resnet10_narrow", [2, 3, 4, 5]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: on a busy 2-core machine two OpenMP threads wait on each other's time
+    slices and tiny models run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """16 train / 16 test digits: two batches of 8 (the CPU is shared; keep every run tiny)."""
+    ds = load_dataset("digits")
+    return dataclasses.replace(ds, x_train=ds.x_train[:16], y_train=ds.y_train[:16], x_test=ds.x_test[:16],
+                               y_test=ds.y_test[:16])
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    seed_everything(123)
+    return build_model(SMALL, 10).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def shared_cache():
+    """One teacher cache for the module (keys hold the teacher's fingerprint, so sharing it is safe)."""
+    return {}
+
+
+def one_batch(ds, n=8):
+    xb, yb, idx = next(batches(ds.x_train, ds.y_train, n, mean=ds.mean, std=ds.std, with_index=True))
+    return xb, yb, idx
+
+
+def count_forwards(model):
+    """Attach a counter of the model's forward calls (a pre-hook on the root, so aborted forwards count too)."""
+    calls = [0]
+    handle = model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls, handle
+
+
+# ---------------------------------------------------------------------------------------------------- loss values
+
+def test_kd_loss_hand_computed_and_t2_scaling():
+    # teacher softmax [0.75, 0.25] against a uniform student: KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.1308120...
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)
+    zs = torch.zeros(1, 2)
+    assert kd_loss(zs, torch.tensor([[math.log(3.0), 0.0]]), temperature=1) == pytest.approx(kl, rel=1e-6)
+    # at T = 2 the logits 2 ln 3 soften to the same distribution: the value is T^2 = 4 times the KL
+    assert kd_loss(zs, torch.tensor([[2 * math.log(3.0), 0.0]]), temperature=2) == pytest.approx(4 * kl, rel=1e-6)
+    # batchmean: a batch of [that row, identical logits] averages KL over the 2 rows
+    zt = torch.tensor([[4 * math.log(3.0), 0.0], [1.0, 1.0]])
+    assert kd_loss(torch.zeros(2, 2), zt) == pytest.approx(16 * kl / 2, rel=1e-6)
+    # general case against the definition: T^2 * mean_b sum_c p_t (log p_t - log p_s)
+    g = torch.Generator().manual_seed(0)
+    zs, zt = torch.randn(5, 7, generator=g), 3 * torch.randn(5, 7, generator=g)
+    p_t, p_s = F.softmax(zt / 4, 1), F.softmax(zs / 4, 1)
+    assert kd_loss(zs, zt) == pytest.approx((16 * (p_t * (p_t.log() - p_s.log())).sum(1).mean()).item(), rel=1e-5)
+    assert kd_loss(zt, zt).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_feature_loss_hand_computed():
+    # pair 1: student 1x2x2 (native) vs teacher 1x4x4 -> the teacher is pooled to 2x2
+    # pair 2: student vector (2,) vs teacher 1x2x2 -> the teacher is pooled to 1x1
+    # pair 3: student 1x4x4 vs teacher 1x2x2 -> the student is pooled to 2x2, then projected
+    s_shapes, t_shapes = [(1, 2, 2), (2,), (1, 4, 4)], [(1, 4, 4), (1, 2, 2), (1, 2, 2)]
+    proj = make_projectors(s_shapes, t_shapes)
+    with torch.no_grad():
+        proj[0].weight.fill_(2.0)
+        proj[1].weight.copy_(torch.tensor([1.0, 1.0]).view(1, 2, 1, 1))
+        proj[2].weight.fill_(1.0)
+    student = [torch.tensor([1.0, 2, 3, 4]).view(1, 1, 2, 2), torch.tensor([[1.0, -1.0]]),
+               torch.arange(16.0).view(1, 1, 4, 4)]
+    teacher_raw = [torch.arange(16.0).view(1, 1, 4, 4), torch.tensor([1.0, 2, 3, 5]).view(1, 1, 2, 2),
+                   torch.zeros(1, 1, 2, 2)]
+    targets = teacher_targets(teacher_raw, s_shapes, t_shapes)
+    assert targets[0].flatten().tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert targets[1].shape == (1, 1, 1, 1) and targets[1].item() == 2.75
+    # MSEs: (0.25+0.25+20.25+20.25)/4 = 10.25; (0 - 2.75)^2 = 7.5625; (2.5^2+4.5^2+10.5^2+12.5^2)/4 = 73.25
+    loss = feature_loss(student, targets, proj)
+    assert loss.item() == pytest.approx((10.25 + 7.5625 + 73.25) / 3)
+    assert loss.dtype == torch.float32
+
+
+def test_pair_layers_depth_order_and_errors():
+    assert pair_layers([4, 1, 3, 2], [15, 12, 14, 13]) == [(1, 12), (2, 13), (3, 14), (4, 15)]
+    with pytest.raises(ValueError, match="as many teacher layers"):
+        pair_layers([1, 2, 3, 4], [12, 13])
+    with pytest.raises(ValueError, match="repeat"):
+        pair_layers([1, 1], [2, 3])
+
+
+# ---------------------------------------------------------------------------------------------------- shapes
+
+def test_projector_shapes_cnn_pair():
+    student, teacher = build_model(STUDENT, 10), build_model(TEACHER, 10)
+    x = torch.zeros(2, 3, 32, 32)
+    s_feats = extract(student.eval(), x, standard_layers(STUDENT))
+    t_feats = extract(teacher.eval(), x, KQ_LIKE)
+    s_shapes = [tuple(s_feats[i].shape[1:]) for i in standard_layers(STUDENT)]
+    t_shapes = [tuple(t_feats[i].shape[1:]) for i in KQ_LIKE]
+    assert s_shapes == [(16, 32, 32), (32, 16, 16), (64, 8, 8), (128, 4, 4)]
+    assert t_shapes == [(128, 8, 8), (128, 8, 8), (256, 4, 4), (256, 4, 4)]
+    proj = make_projectors(s_shapes, t_shapes)
+    assert [(type(p), p.in_channels, p.out_channels, p.kernel_size, p.bias) for p in proj] == [
+        (nn.Conv2d, 16, 128, (1, 1), None), (nn.Conv2d, 32, 128, (1, 1), None),
+        (nn.Conv2d, 64, 256, (1, 1), None), (nn.Conv2d, 128, 256, (1, 1), None)]
+    # compared at the smaller map: 8x8, 8x8, 4x4, 4x4 (student 32x32 and 16x16 maps are pooled down)
+    targets = teacher_targets([t_feats[i] for i in KQ_LIKE], s_shapes, t_shapes)
+    assert [tuple(t.shape[1:]) for t in targets] == t_shapes
+    assert feature_loss([s_feats[i] for i in standard_layers(STUDENT)], targets, proj).isfinite()
+
+
+def test_32x32_student_against_4x4_teacher_map():
+    proj = make_projectors([(16, 32, 32)], [(256, 4, 4)])
+    assert isinstance(proj[0], nn.Conv2d) and (proj[0].in_channels, proj[0].out_channels) == (16, 256)
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(2, 16, 32, 32, generator=g), torch.randn(2, 256, 4, 4, generator=g)
+    target = teacher_targets([t], [(16, 32, 32)], [(256, 4, 4)])[0]
+    assert torch.equal(target, t)                                   # the smaller teacher map is left as it is
+    expected = F.mse_loss(proj[0](F.adaptive_avg_pool2d(s, 4)), t)  # the student map is pooled 32x32 -> 4x4
+    assert feature_loss([s], [target], proj).item() == pytest.approx(expected.item(), rel=1e-6)
+    # the other way round the teacher is pooled: a 4x4 student against a 32x32 teacher map
+    t_big = torch.randn(2, 8, 32, 32, generator=g)
+    assert torch.allclose(teacher_targets([t_big], [(16, 4, 4)], [(8, 32, 32)])[0], F.adaptive_avg_pool2d(t_big, 4))
+    t_odd = torch.randn(2, 8, 5, 5, generator=g)     # sizes that do not divide: overlapping adaptive windows
+    assert torch.equal(teacher_targets([t_odd], [(16, 2, 2)], [(8, 5, 5)])[0], F.adaptive_avg_pool2d(t_odd, 2))
+
+
+def test_projector_shapes_vit_pair():
+    vit_et, vit_b = build_model("vit_et", 10).eval(), build_model("vit_b", 10).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    s_layers, t_layers = standard_layers("vit_et"), [9, 10, 11, 12]
+    with torch.no_grad():
+        s_feats, t_feats = extract(vit_et, x, s_layers), extract(vit_b, x, t_layers)
+    s_shapes = [tuple(s_feats[i].shape[1:]) for i in s_layers]
+    t_shapes = [tuple(t_feats[i].shape[1:]) for i in t_layers]
+    assert s_shapes == [(65, 192)] * 4 and t_shapes == [(65, 768)] * 4
+    proj = make_projectors(s_shapes, t_shapes)
+    assert all(isinstance(p, nn.Conv1d) and (p.in_channels, p.out_channels, p.kernel_size) == (192, 768, (1,))
+               and p.bias is None for p in proj)
+    targets = teacher_targets([t_feats[i] for i in t_layers], s_shapes, t_shapes)
+    assert [tuple(t.shape) for t in targets] == [(1, 768, 65)] * 4     # (B, width, tokens)
+    assert torch.equal(targets[0], t_feats[9].transpose(1, 2))
+    assert feature_map(torch.zeros(3, 65, 192), 1).shape == (3, 192, 65)
+    assert feature_loss([s_feats[i] for i in s_layers], targets, proj).isfinite()
+    with pytest.raises(ValueError, match="pair CNNs with CNNs"):
+        make_projectors([(16, 32, 32)], [(65, 768)])
+
+
+# ---------------------------------------------------------------------------------------------------- gradients
+
+def grads(model):
+    """name -> whether the parameter received a non-zero gradient."""
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0) for n, p in model.named_parameters()}
+
+
+def run_terms(teacher, student, ds, method, t_layers, s_layers, cache=None):
+    """Loss terms of one batch through the same loss function distill hands to fit."""
+    record = {}
+    with distill_loss(teacher, student, ds, method, teacher_layers=t_layers, student_layers=s_layers,
+                      device="cpu", progress=False, record=record, cache=cache) as (loss_fn, proj):
+        xb, yb, idx = one_batch(ds)
+        loss, logits = loss_fn(student, xb, yb, idx)
+    assert loss.item() == pytest.approx(sum(t.item() for t in record.values()), rel=1e-6)
+    return record, proj
+
+
+@pytest.mark.parametrize("teacher_name,student_name,t_layers,head", [
+    (TEACHER, STUDENT, KQ_LIKE, ("fc.",)),
+    # ViT: the head is the last encoder block + final LayerNorm + linear head (teacher: a second vit_et)
+    ("vit_et", "vit_et", [1, 2, 3, 4], ("encoder.layers.encoder_layer_7.", "encoder.ln.", "heads.")),
+])
+def test_ce_free_head_gets_no_gradient_into_backbone(tiny, teacher_name, student_name, t_layers, head):
+    seed_everything(0)
+    teacher = build_model(teacher_name, 10).eval().requires_grad_(False)
+    student = build_model(student_name, 10)
+    if hasattr(student, "heads"):          # torchvision zero-initialises the ViT head, which would block every
+        nn.init.normal_(student.heads.head.weight, std=0.1)   # gradient into the last block; open that path
+    terms, proj = run_terms(teacher, student, tiny, "feature_kd", t_layers, standard_layers(student_name))
+    assert set(terms) == {"ce", "feature"}
+    terms["ce"].backward(retain_graph=True)
+    ce = grads(student)
+    is_head = {n: n.startswith(head) for n in ce}
+    assert any(is_head.values()) and not all(is_head.values())
+    assert all(ce[n] for n in ce if is_head[n]), "every head parameter learns from CE"
+    assert not any(ce[n] for n in ce if not is_head[n]), "no CE gradient may reach the backbone"
+    assert all(p.grad is None for p in proj.parameters())
+    student.zero_grad(set_to_none=True)
+    terms["feature"].backward()
+    mse = grads(student)
+    assert not any(mse[n] for n in mse if is_head[n]), "the feature loss does not train the head"
+    assert mse["conv1.weight" if "conv1.weight" in mse else "conv_proj.weight"]
+    assert sum(mse.values()) >= 0.8 * sum(not h for h in is_head.values())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in proj.parameters())
+
+
+def test_feature_kd_ce_lets_ce_into_the_backbone(tiny, teacher, shared_cache):
+    seed_everything(0)
+    student = build_model(STUDENT, 10)
+    terms, _ = run_terms(teacher, student, tiny, "feature_kd_ce", SMALL_LAYERS, standard_layers(STUDENT), shared_cache)
+    terms["ce"].backward()
+    ce = grads(student)
+    assert ce["conv1.weight"] and ce["layer1.0.conv1.weight"] and ce["layer4.0.conv2.weight"] and ce["fc.weight"]
+
+
+def test_loss_terms_per_method(tiny, teacher, shared_cache):
+    expected = {"ce": {"ce"}, "hinton_kd": {"ce", "kl"}, "feature_kd": {"ce", "feature"},
+                "feature_kd_ce": {"ce", "feature"}, "standard_layers": {"ce", "feature"},
+                "fitnets_kd": {"ce", "feature", "kl"}}
+    assert set(expected) == set(METHODS)
+    for method, names in expected.items():
+        uses = method not in ("ce", "hinton_kd")
+        std = standard_layers(SMALL) if method in ("standard_layers", "fitnets_kd") else SMALL_LAYERS
+        terms, proj = run_terms(teacher, build_model(STUDENT, 10), tiny, method, std if uses else [],
+                                standard_layers(STUDENT) if uses else [], shared_cache)
+        assert set(terms) == names, method
+        assert (proj is None) == (not uses)
+
+
+# ---------------------------------------------------------------------------------------------------- the cache
+
+def test_cache_reuse_and_invalidation(tiny, capsys, tmp_path):
+    seed_everything(5)
+    teacher = build_model(SMALL, 10)
+    calls, handle = count_forwards(teacher)
+    cache = {}
+    kw = dict(teacher_layers=SMALL_LAYERS, epochs=1, lr=0.005, seed=0, batch_size=8, cache=cache, progress=False,
+              device="cpu")
+    distill(teacher, STUDENT, tiny, "feature_kd", **kw)
+    first = calls[0]
+    assert 1 <= first <= 2      # one cache-building pass (16 images) + one shape probe; not once per batch
+    assert "cached on cpu" in capsys.readouterr().out
+    distill(teacher, STUDENT, tiny, "feature_kd", **kw)
+    assert calls[0] == first, "a second run with the same cache must not run the teacher"
+    assert "reusing the cache" in capsys.readouterr().out
+    old = {k: v for k, v in cache.items() if isinstance(v, dict)}
+    assert len(old) == 1
+
+    with torch.no_grad():                        # a new teacher checkpoint: a new key, features recomputed
+        teacher.layer1[0].conv1.weight.mul_(-1.0)
+    distill(teacher, STUDENT, tiny, "feature_kd", **kw)
+    assert calls[0] > first
+    new = {k: v for k, v in cache.items() if isinstance(v, dict) and k not in old}
+    assert len(new) == 1
+    (old_entry,), (new_entry,) = old.values(), new.values()
+    assert old_entry["tensors"][0].dtype == torch.float16
+    assert not torch.equal(old_entry["tensors"][0], new_entry["tensors"][0])
+    handle.remove()
+
+
+def test_teacher_on_the_fly_with_augmentation_or_small_budget(tiny, capsys):
+    seed_everything(5)
+    teacher = build_model(SMALL, 10)
+    calls, handle = count_forwards(teacher)
+    kw = dict(teacher_layers=SMALL_LAYERS, epochs=1, lr=0.005, seed=0, batch_size=8, progress=False, device="cpu")
+    distill(teacher, STUDENT, tiny, "feature_kd", augment=True, **kw)
+    assert calls[0] >= 2                         # once per batch of the epoch (16 / 8)
+    assert "on the fly (augmentation on" in capsys.readouterr().out
+    calls[0] = 0
+    distill(teacher, STUDENT, tiny, "hinton_kd", epochs=1, lr=0.005, seed=0, batch_size=8, progress=False,
+            device="cpu", cache_budget_mb=0)
+    assert calls[0] >= 2
+    assert "budget" in capsys.readouterr().out
+    handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+
+def test_every_method_runs_and_leaves_the_teacher_untouched(tiny, tmp_path):
+    seed_everything(7)
+    teacher = build_model(SMALL, 10)
+    teacher.train()                              # distill freezes it while training and restores the mode after
+    before = state_fingerprint(teacher)
+    cache = {}
+    for method in METHODS:
+        ck = tmp_path / f"{method}.pt"
+        layers = SMALL_LAYERS if "feature_kd" in method else None
+        history = distill(teacher, STUDENT, tiny, method, teacher_layers=layers, teacher_name=SMALL, epochs=1,
+                          lr=0.005, seed=0, batch_size=8, cache=cache, checkpoint=ck, progress=False, device="cpu")
+        assert len(history) == 1 and {"epoch", "loss", "train_acc", "test_acc"} <= set(history[0])
+        assert math.isfinite(history[0]["loss"])
+        meta = load_checkpoint(ck)["meta"]
+        assert meta["method"] == method and meta["seed"] == 0
+        if method in ("standard_layers", "fitnets_kd"):
+            assert meta["teacher_layers"] == standard_layers(SMALL)
+        if method in ("feature_kd", "feature_kd_ce"):
+            assert meta["teacher_layers"] == SMALL_LAYERS
+        if method != "ce" and method != "hinton_kd":
+            assert meta["student_layers"] == standard_layers(STUDENT) and meta["teacher_fingerprint"] == before
+    assert state_fingerprint(teacher) == before
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+
+
+def test_same_init_and_data_order_resume_and_guards(tiny, teacher, tmp_path):
+    kw = dict(epochs=1, lr=0.005, seed=3, batch_size=8, progress=False, device="cpu")
+    a = distill(teacher, STUDENT, tiny, "ce", **kw)
+    b = distill(teacher, STUDENT, tiny, "ce", **kw)
+    assert a[0]["loss"] == b[0]["loss"] and a[0]["test_acc"] == b[0]["test_acc"]   # same init, same order
+
+    ck = tmp_path / "fkd.pt"
+    first = distill(teacher, STUDENT, tiny, "feature_kd", teacher_layers=SMALL_LAYERS, checkpoint=ck, **kw)
+    calls, handle = count_forwards(teacher)
+    again = distill(teacher, STUDENT, tiny, "feature_kd", checkpoint=ck, **kw)   # layers come from the checkpoint
+    handle.remove()
+    assert again == first and calls[0] == 0
+    with pytest.raises(ValueError, match="another distillation run"):
+        distill(teacher, STUDENT, tiny, "feature_kd_ce", teacher_layers=SMALL_LAYERS, checkpoint=ck, **kw)
+
+    with pytest.raises(ValueError, match="student is the teacher"):
+        distill(teacher, teacher, tiny, "ce", **kw)
+    with pytest.raises(ValueError, match="unknown method"):
+        distill(teacher, STUDENT, tiny, "simkd", **kw)
+    with pytest.raises(ValueError, match="standard layers"):
+        distill(teacher, STUDENT, tiny, "standard_layers", teacher_layers=SMALL_LAYERS, teacher_name=SMALL, **kw)
+    anonymous = build_model(SMALL, 10)
+    anonymous.__dict__.pop("kd_name", None)     # a teacher whose architecture name is unknown
+    with pytest.raises(ValueError, match="teacher_name"):
+        distill(anonymous, STUDENT, tiny, "fitnets_kd", **kw)
+    with pytest.raises(ValueError, match="frozen"):
+        with distill_loss(build_model(SMALL, 10), build_model(STUDENT, 10), tiny, "hinton_kd"):
+            pass
+
+
+def test_default_teacher_layers_come_from_kq(tiny, teacher, monkeypatch, tmp_path):
+    import pandas as pd
+
+    import kdutils.kq as kq
+    calls = []
+
+    def fake_layer_qualities(model, dataset, *args, **kwargs):   # KQ itself is tested in test_kq.py
+        calls.append(dataset.num_train)
+        return pd.DataFrame({"quality": [0.1, 0.5, 0.2, 0.9, 0.8, 0.7]}, index=pd.RangeIndex(6, name="layer"))
+
+    monkeypatch.setattr(kq, "layer_qualities", fake_layer_qualities)
+    cache = {}
+    for method in ("feature_kd", "feature_kd_ce"):
+        ck = tmp_path / f"{method}.pt"
+        distill(teacher, STUDENT, tiny, method, epochs=1, lr=0.005, seed=0, batch_size=8, cache=cache, checkpoint=ck,
+                progress=False, device="cpu")
+        assert load_checkpoint(ck)["meta"]["teacher_layers"] == [1, 3, 4, 5]   # top 4 by quality, depth order
+    assert calls == [16], "KQ runs once per teacher and dataset when the cache is shared"

@@ -1,0 +1,348 @@
+"""Tests of kdutils.pipeline: presets, artifacts and manifests, result tables, the papermill runner and its CLI."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from kdutils import pipeline
+from kdutils.pipeline import (NotebookFailed, PRESETS, config_overrides, current_kernel_name, git_commit, main,
+                              parse_value, require_artifact, resolve_config, results_markdown, run_pipeline,
+                              summarize_runs, write_json_atomic, write_manifest)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# presets and overrides
+
+def test_every_preset_resolves_to_the_same_keys():
+    from kdutils.models import MODELS
+    assert set(pipeline.PEAK_LR) == set(MODELS)  # every model has a peak LR, every LR a model
+    keys = {"preset", *pipeline.PARAMETERS}
+    for name in PRESETS:
+        config = resolve_config(name)
+        assert set(config) == keys, name
+        assert config["preset"] == name
+        assert config["teacher_lr"] == pipeline.PEAK_LR[config["teacher"]]
+        assert config["student_lr"] == pipeline.PEAK_LR[config["student"]]
+
+
+def test_preset_values():
+    quick = resolve_config("quick")
+    assert (quick["dataset"], quick["teacher"], quick["student"]) == ("digits", "resnet18_narrow", "resnet10_narrow")
+    assert quick["seeds"] == [0] and quick["teacher_lr"] == quick["student_lr"] == 0.0075
+    assert quick["methods"] == ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers"]
+    assert (quick["pretrained"], quick["augment"], quick["batch_size"], quick["k"]) == (False, False, 128, 4)
+    cpu = resolve_config("cifar10-cpu")
+    assert cpu["dataset"] == "cifar10" and cpu["seeds"] == [0, 1, 2] and cpu["teacher"] == "resnet18_narrow"
+    assert cpu["per_class"] == 500 and quick["per_class"] is None
+    for name, dataset, size in [("cifar10", "cifar10", 32), ("cifar100", "cifar100", 32),
+                                ("tinyimagenet", "tinyimagenet", 64)]:
+        paper = resolve_config(name)
+        assert (paper["dataset"], paper["image_size"], paper["pair"]) == (dataset, size, "resnet34-resnet9")
+        assert (paper["teacher_epochs"], paper["student_epochs"], paper["seeds"]) == (50, 50, [0, 1, 2])
+        assert paper["pretrained"] and not paper["augment"] and "fitnets_kd" in paper["methods"]
+
+
+def test_auto_is_quick_on_cpu_and_cifar10_with_cuda(monkeypatch):
+    assert not torch.cuda.is_available()  # this test machine
+    assert resolve_config()["preset"] == "quick"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_config("auto")["preset"] == "cifar10"
+
+
+def test_overrides_apply_and_leave_presets_untouched():
+    config = resolve_config("quick", student_epochs=2, seeds=(1, 2), teacher_lr=1, per_class=50)
+    assert config["student_epochs"] == 2 and config["seeds"] == [1, 2] and config["per_class"] == 50
+    assert config["teacher_lr"] == 1.0 and isinstance(config["teacher_lr"], float)
+    assert config["teacher_epochs"] == PRESETS["quick"]["teacher_epochs"]
+    config["methods"].append("fitnets_kd")
+    assert "fitnets_kd" not in PRESETS["quick"]["methods"]
+    assert resolve_config("cifar10", dataset="tinyimagenet")["image_size"] == 64
+    assert resolve_config("tinyimagenet", dataset="cifar100")["image_size"] == 32
+
+
+def test_pair_override_sets_models_and_learning_rates():
+    vit = resolve_config("cifar10", pair="vitb-vitet")
+    assert (vit["teacher"], vit["student"], vit["teacher_lr"], vit["student_lr"]) == ("vit_b", "vit_et", 1e-4, 1e-3)
+    vgg = resolve_config("cifar100", pair="vgg19-vgg11")
+    assert (vgg["teacher"], vgg["student"], vgg["teacher_lr"], vgg["student_lr"]) == \
+        ("vgg19_bn", "vgg11_bn", 0.005, 0.005)
+    assert resolve_config("cifar10", pair="vgg19-vgg11", student_lr=0.002)["student_lr"] == 0.002
+    mnv2 = resolve_config("cifar10", student="mobilenet_v2")
+    assert (mnv2["pair"], mnv2["teacher"], mnv2["student_lr"]) == ("resnet34-mobilenetv2", "resnet34", 0.0075)
+    custom = resolve_config("cifar10", teacher="vgg19_bn")
+    assert (custom["pair"], custom["teacher_lr"], custom["student_lr"]) == ("vgg19_bn-resnet9", 0.005, 0.0075)
+
+
+@pytest.mark.parametrize("preset, overrides, words", [
+    ("quick", {"student_epoch": 2}, ["student_epoch", "student_epochs", "kq_samples"]),
+    ("cifar-10", {}, ["cifar-10", "cifar10-cpu", "tinyimagenet", "auto"]),
+    ("quick", {"pair": "resnet50-resnet9"}, ["resnet50-resnet9", "vgg19-vgg11"]),
+    ("quick", {"seeds": 3}, ["seeds", "list"]),
+    ("quick", {"teacher_epochs": 0}, ["teacher_epochs", "positive int"]),
+    ("quick", {"augment": "yes"}, ["augment", "True or False"]),
+    ("quick", {"methods": ["ce", "kd"]}, ["'kd'", "hinton_kd"]),
+    ("quick", {"seeds": [0, "1"]}, ["seeds", "ints"]),
+    ("quick", {"teacher": "resnet50"}, ["resnet50", "teacher_lr"]),
+])
+def test_bad_configs_raise_with_the_fix(preset, overrides, words):
+    with pytest.raises(ValueError) as err:
+        resolve_config(preset, **overrides)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_config_overrides_picks_set_preset_keys_only():
+    namespace = {"preset": "quick", "student_epochs": None, "seeds": [1], "k": 2, "x": 5, "run_dir": "r"}
+    assert config_overrides(namespace) == {"seeds": [1], "k": 2}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# artifacts and manifests
+
+def test_write_json_atomic_round_trip(tmp_path):
+    path = write_json_atomic(tmp_path / "sub" / "a.json", {"x": [1, 2.5], "p": Path("a/b")})
+    assert json.loads(path.read_text()) == {"x": [1, 2.5], "p": "a/b"}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.json"]  # no temporary file left behind
+
+
+def test_require_artifact(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing .*teacher\.pt: run notebooks/01_train_teacher\.ipynb first"):
+        require_artifact(tmp_path / "teacher.pt", "01_train_teacher.ipynb")
+    (tmp_path / "teacher.pt").write_bytes(b"w")
+    assert require_artifact(str(tmp_path / "teacher.pt"), "01_train_teacher.ipynb") == tmp_path / "teacher.pt"
+
+
+def test_write_manifest_records_config_versions_and_hashes(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "teacher").mkdir(parents=True)
+    weights = run_dir / "teacher" / "teacher.pt"
+    weights.write_bytes(b"not really weights")
+    outside = tmp_path / "metrics.json"
+    outside.write_text("{}")
+    config = resolve_config("quick", seeds=[3, 4])
+    path = write_manifest(run_dir, "01_train_teacher.ipynb", config, {"teacher": weights, "metrics": outside})
+    assert path == run_dir / "manifests" / "01_train_teacher.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["notebook"] == "01_train_teacher.ipynb" and manifest["config"] == config
+    assert manifest["seeds"] == [3, 4] and manifest["preset"] == "quick" and manifest["device"] == "cpu"
+    assert manifest["versions"]["torch"] == torch.__version__ and manifest["versions"]["numpy"] == np.__version__
+    assert {"python", "torchvision", "timm"} <= set(manifest["versions"])
+    assert manifest["artifacts"]["teacher"] == {"path": "teacher/teacher.pt", "bytes": 18,
+                                                "sha256": hashlib.sha256(b"not really weights").hexdigest()}
+    assert manifest["artifacts"]["metrics"]["path"] == str(outside.resolve())
+    assert manifest["created"].endswith("+00:00")
+    with pytest.raises(FileNotFoundError, match="run notebooks/01_train_teacher.ipynb first"):
+        write_manifest(run_dir, "01_train_teacher.ipynb", config, {"kq": run_dir / "kq.json"})
+
+
+def test_git_commit_reports_commit_and_dirty_state(tmp_path):
+    assert git_commit(tmp_path) is None  # not a repository
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t",  # noqa
+                                     *a], check=True, capture_output=True, text=True).stdout.strip()
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("x")
+    git("add", "f.txt")
+    git("commit", "-q", "-m", "c")
+    assert git_commit(tmp_path) == {"commit": git("rev-parse", "HEAD"), "dirty": False}
+    (tmp_path / "f.txt").write_text("y")
+    assert git_commit(tmp_path)["dirty"] is True
+
+
+# ------------------------------------------------------------------------------------------------------------
+# results
+
+def _history(accs: list[float], seconds: list[float]) -> list[dict]:
+    return [{"epoch": e, "loss": 1.0 / e, "train_acc": a, "test_acc": a, "seconds": s}
+            for e, (a, s) in enumerate(zip(accs, seconds), 1)]
+
+
+RUNS = {
+    "ce": [_history([0.50, 0.85, 0.80], [1, 2, 3]), _history([0.60, 0.70, 0.90], [2, 2, 2])],
+    "feature_kd": [_history([0.70, 0.86, 0.88], [4, 4, 4]), _history([0.80, 0.86, 0.92], [4, 4, 4])],
+    "hinton_kd": [_history([0.40, 0.60, 0.70], [1, 1, 1])],
+}
+
+
+def test_summarize_runs_numbers():
+    results = summarize_runs(RUNS, teacher={"model": "resnet18_narrow", "test_acc": 0.975, "other": 1},
+                             preset="quick", dataset="digits")
+    assert set(results) == {"preset", "dataset", "teacher", "methods"}
+    assert results["teacher"] == {"model": "resnet18_narrow", "test_acc": 0.975}
+    assert (results["preset"], results["dataset"]) == ("quick", "digits")
+    ce, fkd, hinton = (results["methods"][m] for m in ("ce", "feature_kd", "hinton_kd"))
+    assert {"final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "seeds", "seconds"} <= set(ce)
+    assert ce["final_acc"] == [0.80, 0.90] and ce["best_acc"] == [0.85, 0.90]
+    assert ce["final_acc_mean"] == pytest.approx(0.85) and ce["final_acc_std"] == pytest.approx(0.1 / 2 ** 0.5)
+    assert ce["best_acc_mean"] == pytest.approx(0.875) and ce["best_acc_std"] == pytest.approx(0.05 / 2 ** 0.5)
+    assert ce["final_acc_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
+    assert ce["seconds"] == pytest.approx(6.0) and ce["seeds"] == 2
+    assert ce["curve"] == pytest.approx([0.55, 0.775, 0.85]) and ce["epochs"] == [1, 2, 3]
+    assert fkd["final_acc_mean"] == pytest.approx(0.90) and fkd["final_acc_std"] == pytest.approx(0.04 / 2 ** 0.5)
+    assert fkd["best_acc_mean"] == pytest.approx(0.90) and fkd["seconds"] == pytest.approx(12.0)
+    assert (hinton["final_acc_mean"], hinton["final_acc_std"], hinton["best_acc_std"]) == (0.70, 0.0, 0.0)
+    assert (hinton["seeds"], hinton["best_acc_mean"]) == (1, 0.70)
+    assert (ce["epochs_to_ce_final"], fkd["epochs_to_ce_final"], hinton["epochs_to_ce_final"]) == (3, 2, None)
+    json.dumps(results)  # plain JSON data
+
+    no_ce = summarize_runs({"hinton_kd": RUNS["hinton_kd"]}, teacher={"model": "t", "test_acc": 0.9},
+                           preset="quick", dataset="digits")
+    assert no_ce["methods"]["hinton_kd"]["epochs_to_ce_final"] is None
+
+
+def test_summarize_runs_rejects_ragged_or_empty_runs():
+    with pytest.raises(ValueError, match="different lengths"):
+        summarize_runs({"ce": [_history([0.5, 0.6], [1, 1]), _history([0.5], [1])]},
+                       teacher={"model": "t", "test_acc": 0.9}, preset="quick", dataset="digits")
+    with pytest.raises(ValueError, match="'ce'"):
+        summarize_runs({"ce": []}, teacher={"model": "t", "test_acc": 0.9}, preset="quick", dataset="digits")
+
+
+def test_results_markdown_shows_percentages_gains_and_teacher():
+    table = results_markdown(summarize_runs(RUNS, teacher={"model": "resnet18_narrow", "test_acc": 0.975},
+                                            preset="quick", dataset="digits"))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
+    assert set(rows) == {"method", "ce", "feature_kd", "hinton_kd"}
+    assert "| 85.00 ± 7.07 | 87.50 ± 3.54 |  | 3 | 2 | 6.0 |" in rows["ce"]
+    assert "| 90.00 ± 2.83 | 90.00 ± 2.83 | +5.00 | 2 | 2 | 12.0 |" in rows["feature_kd"]
+    assert "| 70.00 ± 0.00 | 70.00 ± 0.00 | -15.00 | never | 1 | 3.0 |" in rows["hinton_kd"]
+    assert "`resnet18_narrow`: 97.50%" in table and "`quick`" in table and "`digits`" in table
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+
+@pytest.mark.parametrize("text, value", [
+    ("True", True), ("False", False), ("None", None), ("3", 3), ("-2", -2), ("0.5", 0.5), ("1e-3", 1e-3),
+    ("[0,1,2]", [0, 1, 2]), ("[0, 1]", [0, 1]), ("[ce, hinton_kd]", ["ce", "hinton_kd"]),
+    ('["ce"]', ["ce"]), ('{"a": 1}', {"a": 1}), ("cifar10", "cifar10"), ("../data/c.npz", "../data/c.npz"),
+    ("true", "true"),
+])
+def test_parse_value_like_papermill(text, value):
+    parsed = parse_value(text)
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_parse_value_rejects_broken_lists():
+    with pytest.raises(ValueError, match="could not parse"):
+        parse_value("[0, 1")
+
+
+def test_cli_arguments():
+    args = pipeline.build_parser().parse_args(["-p", "seeds", "[0,1]", "-p", "student_epochs", "2",
+                                               "--run-dir", "runs/x"])
+    assert args.preset == "auto" and args.run_dir == Path("runs/x") and list(args.notebooks) == list(pipeline.NOTEBOOKS)
+    assert {k: parse_value(v) for k, v in args.parameter} == {"seeds": [0, 1], "student_epochs": 2}
+    with pytest.raises(SystemExit):
+        pipeline.build_parser().parse_args(["--preset", "imagenet"])
+
+
+def test_list_presets(capsys):
+    assert main(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    for word in [*PRESETS, *pipeline.PAIRS, *pipeline.METHODS, *pipeline.PARAMETERS]:
+        assert word in out
+    assert "seeds=[0,1,2]" in out and "teacher_epochs=50" in out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the papermill runner, on tiny generated notebooks
+
+RESULTS = {"preset": "quick", "dataset": "digits", "teacher": {"model": "t", "test_acc": 0.9},
+           "methods": {"ce": {"final_acc_mean": 0.5, "final_acc_std": 0.0, "best_acc_mean": 0.6,
+                              "best_acc_std": 0.0, "seeds": 1, "seconds": 1.0}}}
+
+
+def _notebook(path: Path, *cells: str) -> None:
+    """Write a notebook: a markdown title, a `parameters` cell, then the given code cells."""
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                           "language": "python"}})
+    params = 'preset = "auto"\nrun_dir = None\nstudent_epochs = None\nflavour = "plain"'
+    nb.cells = [nbformat.v4.new_markdown_cell(f"# {path.stem}"),
+                nbformat.v4.new_code_cell(params, metadata={"tags": ["parameters"]}),
+                *(nbformat.v4.new_code_cell(c) for c in cells)]
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def notebooks_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("notebooks")
+    _notebook(folder / "a.ipynb", "import json, os, sys\nfrom pathlib import Path",
+              "seen = dict(preset=preset, run_dir=run_dir, student_epochs=student_epochs, flavour=flavour,\n"
+              "            executable=sys.executable, cwd=os.getcwd())\n"
+              "Path(run_dir, 'a.json').write_text(json.dumps(seen))")
+    _notebook(folder / "fail.ipynb", "x = 1", "# the failing cell\nraise ValueError('boom')")
+    _notebook(folder / "z.ipynb", "import json\nfrom pathlib import Path",
+              f"results = {RESULTS!r}\nresults['preset'] = preset\n"
+              "Path(run_dir, 'results.json').write_text(json.dumps(results))")
+    return folder
+
+
+def test_kernel_runs_this_interpreter():
+    assert current_kernel_name() == "python3"
+    assert pipeline._launches_current_python(["python", "-m", "ipykernel_launcher"])
+    assert pipeline._launches_current_python([sys.executable])
+    assert pipeline._launches_current_python([str(Path(sys.executable).parent / "python3")])
+    assert not pipeline._launches_current_python(["/opt/elsewhere/bin/python3"])
+
+
+def test_run_pipeline_success(notebooks_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    results = run_pipeline(run_dir, "quick", {"student_epochs": 2, "flavour": "salty"}, notebooks_dir=notebooks_dir,
+                           notebooks=["a.ipynb", "z.ipynb"], progress=False)
+    assert results == {**RESULTS, "preset": "quick"} == json.loads((run_dir / "results.json").read_text())
+    assert (run_dir / "results.md").read_text() == results_markdown(results)
+    assert "| ce | 50.00 ± 0.00 | 60.00 ± 0.00 |" in capsys.readouterr().out
+    seen = json.loads((run_dir / "a.json").read_text())
+    assert seen == {"preset": "quick", "run_dir": str(run_dir.resolve()), "student_epochs": 2, "flavour": "salty",
+                    "executable": sys.executable, "cwd": str(notebooks_dir.resolve())}
+    for name in ("a.ipynb", "z.ipynb"):
+        executed = nbformat.read(run_dir / "executed" / name, as_version=4)
+        assert not [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+                    if o.output_type == "error"]
+        assert all(c.get("execution_count") for c in executed.cells if c.cell_type == "code")
+
+
+def test_run_pipeline_stops_at_the_failing_cell(notebooks_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(NotebookFailed) as err:
+        run_pipeline(run_dir, "quick", notebooks_dir=notebooks_dir, notebooks=["a.ipynb", "fail.ipynb", "z.ipynb"],
+                     progress=False)
+    failed = err.value
+    assert (failed.notebook, failed.cell_index, failed.ename, failed.evalue) == ("fail.ipynb", 3, "ValueError", "boom")
+    assert failed.executed_cell_index == 4  # papermill's index also counts its injected-parameters cell
+    assert failed.executed == run_dir.resolve() / "executed" / "fail.ipynb" and failed.executed.exists()
+    assert "fail.ipynb failed in cell 3 ('# the failing cell'): ValueError: boom" in str(failed)
+    assert (run_dir / "executed" / "a.ipynb").exists()
+    assert not (run_dir / "executed" / "z.ipynb").exists() and not (run_dir / "results.json").exists()
+    assert not (run_dir / "results.md").exists()
+
+
+def test_cli_exit_code_and_message_on_failure(notebooks_dir, tmp_path, capsys):
+    code = main(["--preset", "quick", "--run-dir", str(tmp_path / "cli"), "--notebooks-dir", str(notebooks_dir),
+                 "--notebooks", "fail.ipynb", "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "error: fail.ipynb failed in cell 3" in err and "ValueError: boom" in err
+
+
+def test_run_pipeline_checks_inputs_before_running(notebooks_dir, tmp_path):
+    run_dir = tmp_path / "never"
+    with pytest.raises(ValueError, match="unknown parameter.*flavor.*flavour"):
+        run_pipeline(run_dir, "quick", {"flavor": "x"}, notebooks_dir=notebooks_dir, notebooks=["a.ipynb"])
+    with pytest.raises(ValueError, match="student_epochs must be a positive int"):
+        run_pipeline(run_dir, "quick", {"student_epochs": 0}, notebooks_dir=notebooks_dir, notebooks=["a.ipynb"])
+    with pytest.raises(ValueError, match="run_dir"):
+        run_pipeline(run_dir, "quick", {"run_dir": "x"}, notebooks_dir=notebooks_dir, notebooks=["a.ipynb"])
+    with pytest.raises(FileNotFoundError, match="missing.ipynb"):
+        run_pipeline(run_dir, "quick", notebooks_dir=notebooks_dir, notebooks=["a.ipynb", "missing.ipynb"])
+    assert not run_dir.exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["--preset", "quick", "--notebooks-dir", str(notebooks_dir), "--notebooks", "a.ipynb",
+              "-p", "student_epoch", "2"])
+    assert exit_.value.code == 2
