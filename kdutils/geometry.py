@@ -10,8 +10,9 @@ Numerics (documented choices):
 - float32 distances from a Gram suffer cancellation, so for each class the closest cross-class pair is found
   exactly: every pair whose d2 lies within the rounding bound of G (|error| <= D*u*|f_i||f_j|, u = unit roundoff)
   of the smallest upper bound is recomputed in float64 directly from the two feature vectors;
-- class spectra are the eigenvalues of the centred class Gram (or of the D x D covariance when the layer is
-  narrower than the class), eigen-decomposed in float64 and truncated to the rank bound min(n_c - 1, D);
+- class spectra are the eigenvalues of the centred class Gram (or of the D x D scatter matrix when the layer is
+  narrower than the class), computed from explicitly centred features (mean in float64, so identical samples
+  centre to exact zeros), eigen-decomposed in float64 and truncated to the rank bound min(n_c - 1, D);
 - the cosine of a zero vector with anything is defined as 0; a class whose samples are identical has a zero
   spectrum, embedding dimension 0 and entropy 0 (convention 0 * log 0 = 0).
 """
@@ -301,7 +302,8 @@ def pca_2d(gram: torch.Tensor, seed: int = 0, iters: int = 30) -> np.ndarray:
     if n < 3:
         return np.zeros((n, 2))
 
-    def centred_product(b: torch.Tensor) -> torch.Tensor:          # H G H b, with H = I - 11^T / n
+    def centred_product(b: torch.Tensor) -> torch.Tensor:
+        """H G H b with H = I - 11^T / n, in float64."""
         w = (gram @ (b - b.mean(0)).to(gram.dtype)).double()
         return w - w.mean(0)
 
@@ -346,12 +348,14 @@ def feature_geometry(x: torch.Tensor, codes: torch.Tensor, spectra: Sequence[tor
     if not torch.isfinite(norms).all():
         raise ValueError("features contain NaN or inf; check the model (e.g. a diverged checkpoint).")
     gram = x @ x.T
-    out = gram_statistics(x, codes, num_classes, gram=gram, norms=norms)
-    out.update(spectrum_summary(spectra, width))
-    out["id_g"] = int(min(x.shape[0], x.shape[1]))
-    out["dim"] = int(x.shape[1])
-    if pca_seed is not None:
-        out["pca2d"] = pca_2d(gram, pca_seed)
+    # the rest is O(n^2) and memory-bound: one thread, since OpenMP spin-waits of 2 threads stall on shared cores
+    with threadpool_limits(limits=1):
+        out = gram_statistics(x, codes, num_classes, gram=gram, norms=norms)
+        out.update(spectrum_summary(spectra, width))
+        out["id_g"] = int(min(x.shape[0], x.shape[1]))
+        out["dim"] = int(x.shape[1])
+        if pca_seed is not None:
+            out["pca2d"] = pca_2d(gram, pca_seed)
     return out
 
 
@@ -444,6 +448,7 @@ def layer_outputs(model: nn.Module, x: torch.Tensor, layers: Sequence[int], *, m
     device = torch.device(device) if device is not None else next(model.parameters()).device
     xs = x.to(device)
     dummy = torch.zeros(len(xs), dtype=torch.int64)
-    with torch.inference_mode():
-        for xb, _ in batches(xs, dummy, batch_size, mean=mean, std=std):
-            yield {i: out.float() for i, out in extract(model, xb, layers, stop_early=True).items()}
+    for xb, _ in batches(xs, dummy, batch_size, mean=mean, std=std):
+        with torch.inference_mode():                  # per batch: the mode must not leak to the consumer
+            outs = {i: out.float() for i, out in extract(model, xb, layers, stop_early=True).items()}
+        yield outs

@@ -16,7 +16,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -73,7 +73,8 @@ def knowledge_quality(features: torch.Tensor | np.ndarray, labels: torch.Tensor 
     index = torch.from_numpy(sample.index).to(x.device)
     step = 1024
 
-    def chunks():
+    def chunks() -> Iterator[dict[int, torch.Tensor]]:
+        """The sampled rows in order, in chunks, as single-layer batches."""
         for s in range(0, len(index), step):
             yield {0: x[index[s:s + step]]}
 
@@ -280,7 +281,7 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
         model.to(home).train(was_training)
 
 
-def _to_storable(value):
+def _to_storable(value: object) -> object:
     """numpy values -> torch tensors / Python scalars, so the cache loads with weights_only=True."""
     if isinstance(value, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(value))
@@ -289,7 +290,7 @@ def _to_storable(value):
     return value
 
 
-def _from_storable(value):
+def _from_storable(value: object) -> object:
     """Inverse of _to_storable: tensors back to numpy arrays."""
     return value.numpy() if isinstance(value, torch.Tensor) else value
 

@@ -16,7 +16,7 @@ KQ_STYLE = {  # column: (label, colour, line width) -- the paper's colours for t
     "separation": ("Separation S", "midnightblue", 2.0),
     "information": ("Information I", "darkturquoise", 2.0),
     "efficiency": ("Efficiency E", "red", 2.0),
-    "quality": ("Knowledge quality Q = S + sqrt(I E)", "dimgrey", 3.0),
+    "quality": (r"Knowledge quality $Q = S + \sqrt{I \cdot E}$", "dimgrey", 3.0),
 }
 
 
@@ -76,12 +76,12 @@ def plot_geometry_summary(qualities: pd.DataFrame, *, title: str | None = None) 
 
     ax = axes[0, 2]
     ax.plot(x, q["margin"], "o-", color="tab:red")
-    ax.set_ylabel("2 * mean d_min / mean |f|")
-    ax.set_title("Relative margin (E without (N/pi)^(1/ID_g))")
+    ax.set_ylabel(r"$2\,\overline{d_{min}}\,/\,\overline{\|f\|}$")
+    ax.set_title(r"Relative margin (E without $(N/\pi)^{1/ID_g}$)")
 
     ax = axes[1, 0]
     ax.plot(x, q["ed_mean"], "o-", color="tab:green", label="mean class embedding dim. (95% var.)")
-    ax.set_yscale("log")
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("dimensions")
     ax.set_title("Class-wise embedding dimension")
     ax.legend(fontsize=7)

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn as nn
 
 from kdutils import kq
 from kdutils.geometry import class_balanced_sample, spectrum_summary
@@ -156,7 +155,8 @@ def test_isotropic_gaussian_classes_match_analytic_statistics():
     norm2 = mu ** 2 + sigma ** 2 * dim
     np.testing.assert_allclose(r["norm"], math.sqrt(norm2), rtol=0.01)
     np.testing.assert_allclose(r["avg_intra"], mu ** 2 / norm2, atol=0.01)
-    # between classes f_i.f_j = mu*sigma*(z + z') + sigma^2 * sum of D products: zero mean, this std, E|.| = sqrt(2/pi)*std
+    # between classes f_i.f_j = mu*sigma*(z + z') + sigma^2 * (sum of D products): zero mean, this std;
+    # a zero-mean Gaussian has E|.| = sqrt(2/pi) * std
     expect_inter = math.sqrt(2 / math.pi) * math.sqrt(2 * mu ** 2 * sigma ** 2 + sigma ** 4 * dim) / norm2
     off = r["avg_inter"][~np.eye(num, dtype=bool)]
     np.testing.assert_allclose(off, expect_inter, rtol=0.15)
@@ -381,7 +381,7 @@ def test_plots_return_figures(tiny_setup, tiny_cache, tmp_path):
     fig = plots.plot_kq_curves(df, chosen)
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 4
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][:4] == [
-        "Separation S", "Information I", "Efficiency E", "Knowledge quality Q = S + sqrt(I E)"]
+        "Separation S", "Information I", "Efficiency E", r"Knowledge quality $Q = S + \sqrt{I \cdot E}$"]
     assert len(plots.plot_geometry_summary(df).axes) == 6
     analysis = kq.layer_analysis(model, data, **kwargs)
     assert len([a for a in plots.plot_pca(analysis, [0, 5], data.classes).axes if a.get_visible()]) == 2
