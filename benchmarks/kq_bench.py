@@ -39,11 +39,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=500, help="subset B size per class (class spectra)")
     p.add_argument("--image-size", type=int, default=None, help="resize the images (default: the dataset's size)")
     p.add_argument("--layers", type=int, nargs="*", default=None, help="only these generalized layers")
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--group-mb", type=float, default=kq.GROUP_MB,
                    help="feature memory per forward pass in MiB (0: strictly one layer per pass)")
     p.add_argument("--probe", action="store_true", help="include the linear probe (extra test-split passes)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     return p.parse_args()
 
 
@@ -80,7 +81,7 @@ def main() -> None:
     t0, c0 = time.perf_counter(), time.process_time()
     table = kq.layer_qualities(model, data, args.layers, max_samples=args.samples, per_class=args.per_class,
                                seed=args.seed, probe=args.probe, batch_size=args.batch_size, cache_dir=None,
-                               group_mb=args.group_mb or None, progress=False)
+                               group_mb=args.group_mb or None, progress=not args.quiet)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     gram, gram_cpu = gram_seconds(int(table.attrs["n_a"]), [int(d) for d in table["dim"]])
     print(json.dumps({

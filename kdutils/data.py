@@ -24,7 +24,7 @@ DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (torchvision download into root)",
     "cifar100": "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (torchvision download into root)",
     "tinyimagenet": "Tiny ImageNet, 100k/10k 64x64 RGB, 200 classes (official zip; val split used as test)",
-    "digits": "scikit-learn 8x8 digits upsampled to 32x32 RGB, 1437/360 stratified split (offline)",
+    "digits": "scikit-learn 8x8 digits upsampled to 16x16 RGB, 1437/360 stratified split (offline)",
 }
 _ALIASES = {"tinyimagenet200": "tinyimagenet"}  # after lower-casing and dropping '-', '_' and spaces
 
@@ -187,13 +187,13 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 # loaders: each returns a dict with x_train, y_train, x_test, y_test (numpy, NHWC uint8 / int labels), classes
 
 def _load_digits(seed: int) -> dict:
-    """scikit-learn digits upsampled bilinearly to 32x32, grey replicated to RGB, stratified 80/20 split."""
+    """scikit-learn digits upsampled bilinearly to 16x16 (cheap on CPU), grey replicated to RGB, stratified 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
     img = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)
-    img = F.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+    img = F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
     img = img.round().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
     idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target,
                                            random_state=seed)

@@ -160,10 +160,10 @@ def _unit_roundoff(x: torch.Tensor) -> float:
     if x.dtype == torch.float64:
         return 2.0 ** -53
     if x.device.type == "cuda":
-        precision = torch.get_float32_matmul_precision()
+        precision = torch.get_float32_matmul_precision()   # "high" / "medium": TF32 / bf16 products allowed
         if precision == "medium":
             return 2.0 ** -8
-        if precision == "high" or torch.backends.cuda.matmul.allow_tf32:
+        if precision == "high":
             return 2.0 ** -11
     return 2.0 ** -24
 
@@ -178,6 +178,7 @@ def gram_statistics(x: torch.Tensor, codes: torch.Tensor, num_classes: int, gram
     Returns float64 arrays: avg_intra (C,) mean |cos| over distinct within-class pairs i<j, min_intra (C,),
     avg_inter (C, C) mean |cos| between classes (diagonal NaN), norm (C,) mean feature norm, min_inter_dist (C,)
     exact minimum Euclidean distance to another class, and candidates (C,) the number of pairs recomputed exactly.
+    Rows are processed in small chunks, so the float64 temporaries stay at a few MiB.
     """
     n, d = x.shape
     codes = codes.to(x.device)
@@ -188,43 +189,48 @@ def gram_statistics(x: torch.Tensor, codes: torch.Tensor, num_classes: int, gram
     du = d * _unit_roundoff(x)
     gamma = du / (1.0 - du) if du < 0.5 else 1.0
     counts = torch.bincount(codes, minlength=num_classes).double()
-    avg_intra = np.zeros(num_classes)
-    min_intra = np.zeros(num_classes)
+    step = max(1, (1 << 19) // n)
+    avg_intra, min_intra, norm, min_dist = (np.zeros(num_classes) for _ in range(4))
     avg_inter = np.full((num_classes, num_classes), np.nan)
-    norm = np.zeros(num_classes)
-    min_dist = np.zeros(num_classes)
     candidates = np.zeros(num_classes, dtype=np.int64)
     for c in range(num_classes):
         rows = torch.nonzero(codes == c).flatten()
         nc = len(rows)
         if nc < 2:
             raise ValueError(f"class code {c} has {nc} sample(s); pairwise statistics need >= 2 per class.")
-        block = g[rows].double()                                          # (n_c, n)
-        cos = block.abs() * inv[rows, None] * inv[None, :]
-        # between classes: sum |cos| over the block's columns, grouped by the column's class
-        col_sums = torch.zeros(num_classes, dtype=torch.float64, device=x.device).index_add_(0, codes, cos.sum(0))
-        inter = (col_sums / (nc * counts)).cpu().numpy()
-        inter[c] = np.nan
-        avg_inter[c] = inter
-        # within the class: distinct pairs i<j only
-        iu = torch.triu_indices(nc, nc, offset=1, device=x.device)
-        pairs = cos[:, rows][iu[0], iu[1]]
-        avg_intra[c] = pairs.mean().item()
-        min_intra[c] = pairs.min().item()
-        norm[c] = nrm[rows].mean().item()
-        # closest pair to any other class: approximate from the Gram, then exact on the candidates
         other = codes != c
         if not bool(other.any()):
             raise ValueError("distances to other classes need at least 2 classes.")
-        d2 = (sq[rows, None] + sq[None, :] - 2.0 * block).clamp_min_(0.0)
-        tol = 2.0 * gamma * nrm[rows, None] * nrm[None, :] + 1e-12 * (sq[rows, None] + sq[None, :])
-        del block, cos
-        upper = (d2 + tol)[:, other].min()
-        cand = ((d2 - tol) <= upper) & other[None, :]
-        ii, jj = torch.nonzero(cand, as_tuple=True)
-        del d2, tol, cand
-        candidates[c] = len(ii)
-        min_dist[c] = pair_distances(x, rows[ii], jj).min().item()
+        col_sums = torch.zeros(num_classes, dtype=torch.float64, device=x.device)
+        intra = torch.empty(nc, nc, dtype=torch.float64, device=x.device)
+        upper = torch.tensor(float("inf"), dtype=torch.float64, device=x.device)
+        found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for s in range(0, nc, step):
+            r = rows[s:s + step]
+            block = g[r].double()                                          # (chunk, n)
+            cos = block.abs().mul_(inv[r, None]).mul_(inv[None, :])
+            col_sums.index_add_(0, codes, cos.sum(0))                     # |cos| summed per column class
+            intra[s:s + step] = cos[:, rows]
+            # closest other-class pair: approximate from the Gram, exact on the candidates (see module docstring)
+            d2 = block.mul_(-2.0).add_(sq[r, None]).add_(sq[None, :]).clamp_min_(0.0)
+            tol = (nrm[r, None] * nrm[None, :]).mul_(2.0 * gamma).add_(1e-12 * (sq[r, None] + sq[None, :]))
+            upper = torch.minimum(upper, (d2 + tol)[:, other].min())
+            lower = d2.sub_(tol)
+            ii, jj = torch.nonzero((lower <= upper) & other[None, :], as_tuple=True)
+            found.append((r[ii], jj, lower[ii, jj]))
+            del block, cos, d2, tol, lower
+        ii, jj, lower = (torch.cat(t) for t in zip(*found))
+        keep = lower <= upper                                             # the final bound is the tightest
+        candidates[c] = int(keep.sum())
+        min_dist[c] = pair_distances(x, ii[keep], jj[keep]).min().item()
+        inter = (col_sums / (nc * counts)).cpu().numpy()
+        inter[c] = np.nan
+        avg_inter[c] = inter
+        iu = torch.triu_indices(nc, nc, offset=1, device=x.device)        # distinct pairs i<j only
+        pairs = intra[iu[0], iu[1]]
+        avg_intra[c] = pairs.mean().item()
+        min_intra[c] = pairs.min().item()
+        norm[c] = nrm[rows].mean().item()
     return {"avg_intra": avg_intra, "min_intra": min_intra, "avg_inter": avg_inter, "norm": norm,
             "min_inter_dist": min_dist, "candidates": candidates}
 
@@ -246,10 +252,18 @@ def class_spectrum(x: torch.Tensor) -> torch.Tensor:
     rank = min(n - 1, d)
     if rank < 1:
         return torch.zeros(0, dtype=torch.float64)
-    xc = x - _column_mean64(x).to(x.dtype)
-    k = xc @ xc.T if d >= n else xc.T @ xc
+    mean = _column_mean64(x).to(x.dtype)
+    if d >= n:                             # n x n Gram of the centred rows, accumulated over column chunks
+        k = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        step = max(1, _CHUNK_ELEMS // n)
+        for s in range(0, d, step):
+            xc = x[:, s:s + step] - mean[s:s + step]
+            k += (xc @ xc.T).double()
+    else:                                  # D x D scatter matrix (narrow layer)
+        xc = x - mean
+        k = (xc.T @ xc).double()
     del xc
-    ev = _eigvalsh(k.double()).flip(0)[:rank].clamp_min(0.0)
+    ev = _eigvalsh(k).flip(0)[:rank].clamp_min(0.0)
     total = ev.sum()
     return ev / total if total > 0 else torch.zeros(rank, dtype=torch.float64)
 
@@ -434,7 +448,7 @@ def collect_features(outputs: Iterable[dict[int, torch.Tensor]], sample: Sample,
 
 
 def layer_outputs(model: nn.Module, x: torch.Tensor, layers: Sequence[int], *, mean: Sequence[float],
-                  std: Sequence[float], batch_size: int = 250, device: torch.device | None = None
+                  std: Sequence[float], batch_size: int = 128, device: torch.device | None = None
                   ) -> Iterator[dict[int, torch.Tensor]]:
     """Yield {layer: output (float32)} of the given generalized layers for uint8 images x, batch by batch, in order.
 

@@ -8,7 +8,12 @@ cached on disk, and the top-k teacher-layer selection.
 Two deliberate differences from the upstream code (project decision 1): the class SVD entropy uses 0 * log 0 = 0
 (upstream's float32 underflow zeroes the entropy of every class of a layer narrower than the class size), and
 AvgIntra_c is the plain mean over distinct pairs i<j (upstream's row gathering includes self-similarities).
-Further conventions: the cosine of a zero feature vector is 0; E = 0 for a layer whose features are all zero.
+Further conventions: the cosine of a zero feature vector is 0; E = 0 for a layer whose features are all zero;
+ED_c is capped at (largest class in B) - 1; select_layers breaks ties towards the shallower layer.
+
+Cost: per layer one float32 Gram matrix of the n_A x D features dominates, plus the class Gram matrices (about
+1/C of it) and the forward passes. Consecutive layers whose sampled features fit in GROUP_MB share one
+early-stopping forward pass, so a ResNet needs a few passes instead of one per layer.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 from kdutils.data import normalize
 from kdutils.geometry import (MAX_DIM, class_balanced_sample, collect_features, feature_geometry, layer_outputs,
                               linear_probe, pool_features)
+from kdutils.train import state_fingerprint
 
 KQ_VERSION = 1            # bump when a formula changes: old cache files are then recomputed
 GROUP_MB = 1536.0        # sampled features of consecutive layers extracted in one forward pass, at most this size
@@ -95,15 +101,6 @@ def _update(h, t: torch.Tensor) -> None:
         h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 (16 hex digits) of a model's state_dict: names, dtypes, shapes and values (the 'checkpoint hash')."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        _update(h, t)
-    return h.hexdigest()[:16]
-
-
 def dataset_fingerprint(dataset, rows: np.ndarray | None = None) -> str:
     """BLAKE2 hash (16 hex digits) of what KQ reads from a kdutils.data.Dataset: name, classes, mean/std, all train
     labels, the train images at `rows` (all if None) and the test split."""
@@ -116,7 +113,7 @@ def dataset_fingerprint(dataset, rows: np.ndarray | None = None) -> str:
 
 
 def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = None, *, max_samples: int = 5000,
-                   per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 250,
+                   per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 128,
                    device: str | torch.device | None = None, cache_dir: str | Path | None = "cache/kq",
                    max_dim: int | None = MAX_DIM, group_mb: float | None = GROUP_MB,
                    progress: bool = True) -> dict[int, dict]:
@@ -140,7 +137,7 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
         raise ValueError(f"layers {bad} do not exist: the model has {len(gen)} generalized layers "
                          f"(0..{len(gen) - 1}); see kdutils.layers.layer_table(model, image_size).")
     sample = class_balanced_sample(dataset.y_train, max_samples, per_class, seed)
-    model_hash, data_hash = model_fingerprint(model), dataset_fingerprint(dataset, sample.index)
+    model_hash, data_hash = state_fingerprint(model), dataset_fingerprint(dataset, sample.index)
     key = {"version": KQ_VERSION, "model": model_hash, "dataset": data_hash, "seed": int(seed),
            "max_samples": int(max_samples), "per_class": int(per_class), "num_train": int(dataset.num_train),
            "max_dim": -1 if max_dim is None else int(max_dim)}
@@ -157,7 +154,7 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
 
 
 def layer_qualities(model: nn.Module, dataset, layers: Sequence[int] | None = None, *, max_samples: int = 5000,
-                    per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 250,
+                    per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 128,
                     device: str | torch.device | None = None, cache_dir: str | Path | None = "cache/kq",
                     max_dim: int | None = MAX_DIM, group_mb: float | None = GROUP_MB,
                     progress: bool = True) -> pd.DataFrame:

@@ -66,6 +66,15 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def head_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The classifier's parameters (ResNet `fc`, VGG/MobileNetV2 `classifier`, ViT `heads`): all after the pooling."""
+    for attr in ("fc", "classifier", "heads"):
+        head = getattr(model, attr, None)
+        if isinstance(head, nn.Module):
+            return list(head.parameters())
+    raise ValueError(f"{type(model).__name__} has no `fc`, `classifier` or `heads` module; build it with build_model.")
+
+
 def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: bool = False) -> nn.Module:
     """Build one of ``MODELS`` for square ``image_size`` inputs, optionally from ImageNet weights."""
     if name not in MODELS:
@@ -77,8 +86,9 @@ def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: b
     if name in _VITS:
         if image_size not in (32, 64):
             raise ValueError(f"{name} needs image_size 32 (patch 4) or 64 (patch 8) for 64 patches; got {image_size}")
-    elif image_size < 32:
-        raise ValueError(f"{name} needs image_size >= 32 (its stages halve the map 4-5 times); got {image_size}")
+    elif image_size < (smallest := 8 if name in _RESNETS else 32):
+        halvings = "3 times (below 64 px)" if name in _RESNETS else "5 times"
+        raise ValueError(f"{name} needs image_size >= {smallest} (its stages halve the map {halvings}); got {image_size}")
     if name in _RESNETS:
         model = _resnet(*_RESNETS[name][:2], num_classes, image_size, weights)
     elif name in _VGGS:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kdutils.data import Dataset, batches, normalize
+from kdutils.models import build_model, head_parameters
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -98,11 +99,11 @@ def library_versions() -> dict[str, str]:
 
 
 def state_fingerprint(model: nn.Module) -> str:
-    """A short SHA-256 of a model's state_dict (names, shapes and values): the key of caches built from it."""
+    """A short SHA-256 of a model's state_dict (names, dtypes, shapes and values): the key of caches built from it."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
+        h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
                  if t.numel() else b"")
     return h.hexdigest()[:16]
@@ -138,10 +139,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 128,
         weight_decay: float = 0.01, seed: int = 0, augment: bool = False, loss_fn: LossFn | None = None,
         extra: nn.Module | None = None, checkpoint: str | Path | None = None, meta: dict | None = None,
-        device: torch.device | str | None = None, progress: bool = True, desc: str = "train") -> list[dict]:
-    """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history."""
+        device: torch.device | str | None = None, progress: bool = True, desc: str = "train",
+        backbone_lr_scale: float = 1.0) -> list[dict]:
+    """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history.
+
+    `backbone_lr_scale` < 1 gives everything but the classifier (models.head_parameters) that fraction of the peak
+    LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01).
+    """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0 < backbone_lr_scale <= 1:
+        raise ValueError(f"backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}")
     device = torch.device(device) if device is not None else default_device()
     loss_fn = loss_fn or cross_entropy_loss
     model = prepare_model(model, device)
@@ -150,13 +158,22 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     data = data.to(device)
     drop_last = data.num_train > batch_size
     steps = data.num_train // batch_size if drop_last else -(-data.num_train // batch_size)
-    params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
+    extra_params = list(extra.parameters()) if extra is not None else []
+    if backbone_lr_scale == 1.0:
+        groups, peaks = [{"params": list(model.parameters()) + extra_params}], [lr]
+    else:
+        head = {id(p) for p in head_parameters(model)}
+        backbone = [p for p in model.parameters() if id(p) not in head]
+        ahead = [p for p in model.parameters() if id(p) in head] + extra_params
+        groups, peaks = [{"params": backbone}, {"params": ahead}], [lr * backbone_lr_scale, lr]
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
                                                 pct_start=0.3)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
     config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
               "augment": augment, "num_train": data.num_train, "dataset": data.name}
+    if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
+        config["backbone_lr_scale"] = backbone_lr_scale
     meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed}
     history: list[dict] = []
 
@@ -216,7 +233,6 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
 
 def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
     """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode."""
-    from kdutils.models import build_model
     ck = load_checkpoint(path)
     meta = ck.get("meta", {})
     missing = [k for k in ("model", "num_classes") if k not in meta]

@@ -1,8 +1,9 @@
-"""Shared test settings: a non-interactive plotting backend and the shared CIFAR-10 subset's location."""
+"""Shared test settings: a non-interactive plotting backend, the shared CIFAR-10 subset's location, one thread."""
 from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 
 matplotlib.use("Agg")
 
@@ -16,3 +17,13 @@ def shared_npz() -> Path:
     if not SHARED_NPZ.exists():
         pytest.skip(f"{SHARED_NPZ} not found")
     return SHARED_NPZ
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module (`pytestmark = pytest.mark.usefixtures("single_thread")`): on a busy
+    2-core machine two OpenMP threads wait on each other's time slices and tiny models run 10-50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -51,10 +51,10 @@ def shared() -> Dataset:
 def test_digits_shapes_split_and_stats():
     d = load_dataset("digits")
     assert d.name == "digits"
-    assert d.x_train.shape == (1437, 3, 32, 32) and d.x_test.shape == (360, 3, 32, 32)
+    assert d.x_train.shape == (1437, 3, 16, 16) and d.x_test.shape == (360, 3, 16, 16)
     assert d.x_train.dtype == torch.uint8 and d.y_train.dtype == torch.int64 and d.y_test.dtype == torch.int64
     assert d.classes == tuple(str(i) for i in range(10)) and d.num_classes == 10
-    assert d.image_size == 32 and d.num_train == 1437
+    assert d.image_size == 16 and d.num_train == 1437
     # grey replicated to RGB, full 0..255 range (16 -> 255)
     assert torch.equal(d.x_train[:, 0], d.x_train[:, 1]) and torch.equal(d.x_train[:, 0], d.x_train[:, 2])
     assert int(d.x_train.min()) == 0 and int(d.x_train.max()) == 255
@@ -77,7 +77,7 @@ def test_digits_follow_sklearn_split_and_bilinear_upsampling():
     assert torch.equal(d.y_train, torch.from_numpy(raw.target[idx_train]))
     assert torch.equal(d.y_test, torch.from_numpy(raw.target[idx_test]))
     img = torch.from_numpy(raw.images[idx_test]).float()[:, None] * 255 / 16
-    up = torch.nn.functional.interpolate(img, size=(32, 32), mode="bilinear", align_corners=False)
+    up = torch.nn.functional.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
     assert (d.x_test[:, 0].float() - up[:, 0]).abs().max() <= 0.5 + 1e-4  # rounded bilinear upsampling
     assert int(d.x_test[:, :, 0, 0].max()) == 0  # the blank 8x8 corner stays black
 

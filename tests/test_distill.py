@@ -22,21 +22,18 @@ KQ_LIKE = [5, 6, 7, 8]   # deep teacher layers, as KQ picks them; fixed here so 
 SMALL, SMALL_LAYERS = "resnet10_narrow", [2, 3, 4, 5]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread for this module: on a busy 2-core machine two OpenMP threads wait on each other's time
-    slices and tiny models run 10-50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    """16 train / 16 test digits: two batches of 8 (the CPU is shared; keep every run tiny)."""
+    """16 train / 16 test digits at 32x32 (the paper's CIFAR size; ViTs need it): two batches of 8."""
     ds = load_dataset("digits")
-    return dataclasses.replace(ds, x_train=ds.x_train[:16], y_train=ds.y_train[:16], x_test=ds.x_test[:16],
+
+    def up(x):
+        return F.interpolate(x[:16].float(), size=(32, 32), mode="bilinear").round().to(torch.uint8)
+
+    return dataclasses.replace(ds, x_train=up(ds.x_train), y_train=ds.y_train[:16], x_test=up(ds.x_test),
                                y_test=ds.y_test[:16])
 
 

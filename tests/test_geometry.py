@@ -71,3 +71,28 @@ def test_linear_probe_separable_and_chance():
     x = rng.normal(size=(120, 5)) + 4 * np.eye(3, 5)[y]
     assert geometry.linear_probe(x[::2], y[::2], x[1::2], y[1::2]) > 0.9
     assert geometry.linear_probe(rng.normal(size=(120, 5))[::2], y[::2], rng.normal(size=(60, 5)), y[1::2]) < 0.6
+
+
+def test_gram_statistics_in_row_chunks_match_dense_float64():
+    # 3 classes of 500 samples: gram_statistics walks each class in chunks of (1 << 19) // 1500 = 349 rows, so this
+    # checks that per-chunk sums, minima and the distance candidates combine to the dense, one-shot answer
+    rng = np.random.default_rng(5)
+    per, dim = 500, 20
+    x = np.concatenate([rng.normal(size=dim) * 2 + rng.normal(size=(per, dim)) for _ in range(3)]).astype(np.float32)
+    codes = rng.permutation(np.repeat(np.arange(3), per))
+    assert per > (1 << 19) // len(x)
+    stats = geometry.gram_statistics(torch.from_numpy(x), torch.from_numpy(codes), 3)
+    x64 = x.astype(np.float64)
+    norms = np.linalg.norm(x64, axis=1)
+    cos = np.abs(x64 @ x64.T) / np.outer(norms, norms)
+    dist = np.sqrt(((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1))
+    for c in range(3):
+        inside, outside = codes == c, codes != c
+        pairs = cos[np.ix_(inside, inside)][np.triu_indices(per, k=1)]
+        np.testing.assert_allclose(stats["avg_intra"][c], pairs.mean(), rtol=1e-6)
+        np.testing.assert_allclose(stats["min_intra"][c], pairs.min(), rtol=1e-5, atol=1e-6)  # float32 Gram
+        np.testing.assert_allclose(stats["norm"][c], norms[inside].mean(), rtol=1e-6)
+        assert stats["min_inter_dist"][c] == pytest.approx(dist[np.ix_(inside, outside)].min(), rel=1e-9)
+        for o in range(3):
+            want = np.nan if o == c else cos[np.ix_(inside, codes == o)].mean()
+            np.testing.assert_allclose(stats["avg_inter"][c, o], want, rtol=1e-6)

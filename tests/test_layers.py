@@ -8,13 +8,7 @@ from kdutils.layers import GenLayer, extract, generalized_layers, layer_table, s
 from kdutils.models import MODELS, build_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: with tiny tensors on a shared 2-core machine, OpenMP thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _runs(*runs: tuple[int, tuple[int, ...]]) -> list[tuple[int, ...]]:

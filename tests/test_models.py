@@ -8,18 +8,13 @@ import torchvision.models as tvm
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from kdutils import models
-from kdutils.models import MODELS, build_model, count_parameters, pool_patch_kernels, resize_vit_state_dict
+from kdutils.models import (MODELS, build_model, count_parameters, head_parameters, pool_patch_kernels,
+                            resize_vit_state_dict)
 
 C = 7  # number of classes used throughout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One intra-op thread: with tiny tensors on a shared 2-core machine, OpenMP thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _vit_params(blocks: int, d: int, mlp: int, patch: int, tokens: int, classes: int) -> int:
@@ -107,7 +102,11 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="image_size 32 .* or 64 .*got 48"):
         build_model("vit_et", C, image_size=48)
     with pytest.raises(ValueError, match="image_size >= 32.*got 16"):
-        build_model("resnet9", C, image_size=16)
+        build_model("vgg11_bn", C, image_size=16)
+    with pytest.raises(ValueError, match="image_size >= 8.*got 4"):
+        build_model("resnet9", C, image_size=4)
+    small = build_model("resnet10_narrow", C, image_size=16).eval()  # the quick preset's digits are 16x16
+    assert small(torch.zeros(2, 3, 16, 16)).shape == (2, C)
 
 
 @pytest.fixture
@@ -198,3 +197,15 @@ def test_resize_vit_state_dict_keeps_class_token_first(image_size, patch_size):
     constant = resize_vit_state_dict({"encoder.pos_embedding": torch.full((1, 197, 2), 3.0),
                                       "conv_proj.weight": torch.ones(2, 3, 16, 16)}, image_size, patch_size)
     assert torch.allclose(constant["encoder.pos_embedding"], torch.tensor(3.0))
+
+
+@pytest.mark.parametrize("name, head_tensors", [("resnet10_narrow", 2), ("vgg11_bn", 6), ("mobilenet_v2", 2),
+                                                ("vit_et", 2)])
+def test_head_parameters_are_the_classifier_after_pooling(name, head_tensors):
+    model = build_model(name, C)
+    head = head_parameters(model)
+    assert len(head) == head_tensors and head[-1].shape == (C,)  # ends with the C-way bias
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].split(".")[0] in ("fc", "classifier", "heads") for p in head)
+    with pytest.raises(ValueError, match="no `fc`, `classifier` or `heads`"):
+        head_parameters(nn.Sequential(nn.Linear(2, 2)))

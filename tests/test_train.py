@@ -137,3 +137,23 @@ def test_load_model_rebuilds_a_trained_checkpoint(digits, tmp_path):
     save_checkpoint(tmp_path / "nometa.pt", {"model": model.state_dict(), "meta": {}})
     with pytest.raises(ValueError, match="meta"):
         load_model(tmp_path / "nometa.pt")
+
+
+def test_backbone_lr_scale_slows_everything_but_the_head(digits):
+    """The paper fine-tunes pretrained teachers with the backbone at 0.01 x the head's LR (METHOD.md section 7)."""
+    ds = small(digits, 128, 32)
+    changes = {}
+    for scale in (1.0, 1e-6):
+        seed_everything(0)
+        model = build_model("resnet10_narrow", ds.num_classes, image_size=16)
+        before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        fit(model, ds, epochs=1, lr=0.01, batch_size=32, seed=0, progress=False, backbone_lr_scale=scale)
+        after = model.state_dict()
+        moved = {k: (after[k] - v).abs().max().item() for k, v in before.items() if "running" not in k}
+        changes[scale] = (max(v for k, v in moved.items() if not k.startswith("fc.")),
+                          min(v for k, v in moved.items() if k.startswith("fc.")))
+    (backbone_full, head_full), (backbone_slow, head_slow) = changes[1.0], changes[1e-6]
+    assert backbone_full > 1e-3 and head_full > 1e-3
+    assert backbone_slow < 1e-5 < head_slow  # the head still trains at the full LR
+    with pytest.raises(ValueError, match="backbone_lr_scale must be in"):
+        fit(build_model("resnet10_narrow", 10), ds, epochs=1, lr=0.01, backbone_lr_scale=0.0, progress=False)
