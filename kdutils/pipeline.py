@@ -447,6 +447,19 @@ def notebook_parameters(path: str | Path) -> dict[str, str]:
     return {} if cell is None else {p.name: p.default for p in PythonTranslator.inspect(cell)}
 
 
+def absolute_paths(params: dict) -> dict:
+    """`params` with a relative `data_root`, or a `dataset` given as a relative file path, made absolute (from cwd)."""
+    out = dict(params)
+    for key in ("dataset", "data_root"):
+        value = out.get(key)
+        if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        is_path = key == "data_root" or value.lower().endswith(".npz") or "/" in value or Path(value).exists()
+        if is_path:
+            out[key] = str(Path(value).expanduser().resolve())
+    return out
+
+
 def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None = None,
                  notebooks_dir: str | Path = NOTEBOOKS_DIR, kernel_name: str | None = None,
                  log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS) -> dict:
@@ -459,6 +472,7 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
     if reserved:
         raise ValueError(f"pass {' and '.join(reserved)} as arguments of run_pipeline (--preset/--run-dir), "
                          "not as notebook parameters.")
+    params = absolute_paths(params)  # the notebooks run with cwd=notebooks_dir, not the caller's directory
     config = resolve_config(preset, **{k: v for k, v in params.items() if k in PARAMETERS})
     notebooks_dir = Path(notebooks_dir).resolve()
     paths = [notebooks_dir / name for name in notebooks]

@@ -308,6 +308,26 @@ def test_run_pipeline_success(notebooks_dir, tmp_path, capsys):
         assert all(c.get("execution_count") for c in executed.cells if c.cell_type == "code")
 
 
+def test_relative_dataset_paths_are_resolved_from_the_callers_directory(tmp_path, monkeypatch):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell('run_dir = None\ndata_root = None', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell("import json\nfrom pathlib import Path\n"
+                                          "Path(run_dir, 'p.json').write_text(json.dumps({'dataset': dataset, "
+                                          "'data_root': data_root}))")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, folder / "p.ipynb")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError):  # p.ipynb writes no results.json, which is checked after the run
+        run_pipeline(tmp_path / "run", "quick", {"dataset": "sub/x.npz", "data_root": "datasets"},
+                     notebooks_dir=folder, notebooks=["p.ipynb"], progress=False)
+    seen = json.loads((tmp_path / "run" / "p.json").read_text())
+    assert seen == {"dataset": str(tmp_path / "sub" / "x.npz"), "data_root": str(tmp_path / "datasets")}
+    same = {"dataset": "cifar10", "data_root": "/abs/data"}
+    assert pipeline.absolute_paths(same) == same and pipeline.absolute_paths({"seeds": [0]}) == {"seeds": [0]}
+
+
 def test_run_pipeline_stops_at_the_failing_cell(notebooks_dir, tmp_path):
     run_dir = tmp_path / "run"
     with pytest.raises(NotebookFailed) as err:
