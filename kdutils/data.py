@@ -187,7 +187,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 # loaders: each returns a dict with x_train, y_train, x_test, y_test (numpy, NHWC uint8 / int labels), classes
 
 def _load_digits(seed: int) -> dict:
-    """scikit-learn digits upsampled bilinearly to 16x16 (cheap on CPU), grey replicated to RGB, stratified 80/20 split."""
+    """scikit-learn digits upsampled bilinearly to 16x16 (cheap on CPU), grey as RGB, stratified 80/20 split."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -32,6 +32,7 @@ from threadpoolctl import threadpool_limits
 MAX_DIM = 262_144          # flattened size above which a 4-D map is max-pooled first (upstream iMaxDimension)
 VARIANCE_THRESHOLD = 0.95  # cumulative explained variance that defines a class's embedding dimension
 _CHUNK_ELEMS = 1 << 22     # elements per float64 temporary in chunked loops (32 MiB)
+_GRAM_ROW_ELEMS = 1 << 19  # elements per (rows x n) float64 slice of the Gram in gram_statistics (4 MiB each)
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def gram_statistics(x: torch.Tensor, codes: torch.Tensor, num_classes: int, gram
     du = d * _unit_roundoff(x)
     gamma = du / (1.0 - du) if du < 0.5 else 1.0
     counts = torch.bincount(codes, minlength=num_classes).double()
-    step = max(1, (1 << 19) // n)
+    step = max(1, _GRAM_ROW_ELEMS // n)
     avg_intra, min_intra, norm, min_dist = (np.zeros(num_classes) for _ in range(4))
     avg_inter = np.full((num_classes, num_classes), np.nan)
     candidates = np.zeros(num_classes, dtype=np.int64)

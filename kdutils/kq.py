@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from kdutils.data import normalize
 from kdutils.geometry import (MAX_DIM, class_balanced_sample, collect_features, feature_geometry, layer_outputs,
                               linear_probe, pool_features)
-from kdutils.train import state_fingerprint
+from kdutils.train import hash_tensor, state_fingerprint
 
 KQ_VERSION = 1            # bump when a formula changes: old cache files are then recomputed
 GROUP_MB = 1536.0        # sampled features of consecutive layers extracted in one forward pass, at most this size
@@ -94,13 +94,6 @@ def knowledge_quality(features: torch.Tensor | np.ndarray, labels: torch.Tensor 
 # ------------------------------------------------------------------------------------------------------------------
 # all layers of a model, cached
 
-def _update(h, t: torch.Tensor) -> None:
-    """Feed a tensor's dtype, shape and raw bytes to a hash (no extra copy for contiguous CPU tensors)."""
-    h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-    if t.numel():
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-
-
 def dataset_fingerprint(dataset, rows: np.ndarray | None = None) -> str:
     """BLAKE2 hash (16 hex digits) of what KQ reads from a kdutils.data.Dataset: name, classes, mean/std, all train
     labels, the train images at `rows` (all if None) and the test split."""
@@ -108,7 +101,7 @@ def dataset_fingerprint(dataset, rows: np.ndarray | None = None) -> str:
     h.update(f"{dataset.name}|{dataset.mean}|{dataset.std}|{tuple(dataset.classes)}".encode())
     x_train = dataset.x_train if rows is None else dataset.x_train[torch.as_tensor(rows).to(dataset.x_train.device)]
     for t in (dataset.y_train, x_train, dataset.x_test, dataset.y_test):
-        _update(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()
 
 

@@ -86,9 +86,10 @@ def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: b
     if name in _VITS:
         if image_size not in (32, 64):
             raise ValueError(f"{name} needs image_size 32 (patch 4) or 64 (patch 8) for 64 patches; got {image_size}")
-    elif image_size < (smallest := 8 if name in _RESNETS else 32):
-        halvings = "3 times (below 64 px)" if name in _RESNETS else "5 times"
-        raise ValueError(f"{name} needs image_size >= {smallest} (its stages halve the map {halvings}); got {image_size}")
+    elif name in _RESNETS and image_size < 8:
+        raise ValueError(f"{name} needs image_size >= 8 (its stages halve the map 3 times); got {image_size}")
+    elif name not in _RESNETS and image_size < 32:
+        raise ValueError(f"{name} needs image_size >= 32 (its stages halve the map 5 times); got {image_size}")
     if name in _RESNETS:
         model = _resnet(*_RESNETS[name][:2], num_classes, image_size, weights)
     elif name in _VGGS:

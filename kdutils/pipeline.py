@@ -98,8 +98,8 @@ def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int
             "teacher": teacher, "student": student, "pretrained": pretrained,
             "teacher_epochs": epochs[0], "student_epochs": epochs[1],
             "teacher_lr": PEAK_LR[teacher], "backbone_lr_scale": 0.01, "student_lr": PEAK_LR[student],
-            "weight_decay": 0.01,
-            "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods, "kq_samples": 5000, "k": 4}
+            "weight_decay": 0.01, "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods,
+            "kq_samples": 5000, "k": 4}
 
 
 PRESETS = {
@@ -454,8 +454,7 @@ def absolute_paths(params: dict) -> dict:
         value = out.get(key)
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
-        is_path = key == "data_root" or value.lower().endswith(".npz") or "/" in value or Path(value).exists()
-        if is_path:
+        if key == "data_root" or value.lower().endswith(".npz") or "/" in value or Path(value).is_file():
             out[key] = str(Path(value).expanduser().resolve())
     return out
 

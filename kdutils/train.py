@@ -9,7 +9,7 @@ import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -98,14 +98,19 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def hash_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed a tensor's dtype, shape and raw bytes to a hashlib object."""
+    h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def state_fingerprint(model: nn.Module) -> str:
     """A short SHA-256 of a model's state_dict (names, dtypes, shapes and values): the key of caches built from it."""
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if t.numel() else b"")
+        hash_tensor(h, t)
     return h.hexdigest()[:16]
 
 
@@ -162,10 +167,10 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     if backbone_lr_scale == 1.0:
         groups, peaks = [{"params": list(model.parameters()) + extra_params}], [lr]
     else:
-        head = {id(p) for p in head_parameters(model)}
-        backbone = [p for p in model.parameters() if id(p) not in head]
-        ahead = [p for p in model.parameters() if id(p) in head] + extra_params
-        groups, peaks = [{"params": backbone}, {"params": ahead}], [lr * backbone_lr_scale, lr]
+        head = head_parameters(model)
+        in_head = {id(p) for p in head}
+        backbone = [p for p in model.parameters() if id(p) not in in_head]
+        groups, peaks = [{"params": backbone}, {"params": head + extra_params}], [lr * backbone_lr_scale, lr]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
                                                 pct_start=0.3)

@@ -74,13 +74,13 @@ def test_linear_probe_separable_and_chance():
 
 
 def test_gram_statistics_in_row_chunks_match_dense_float64():
-    # 3 classes of 500 samples: gram_statistics walks each class in chunks of (1 << 19) // 1500 = 349 rows, so this
+    # 3 classes of 500 samples: gram_statistics walks each class in chunks of 2**19 // 1500 = 349 rows, so this
     # checks that per-chunk sums, minima and the distance candidates combine to the dense, one-shot answer
     rng = np.random.default_rng(5)
     per, dim = 500, 20
     x = np.concatenate([rng.normal(size=dim) * 2 + rng.normal(size=(per, dim)) for _ in range(3)]).astype(np.float32)
     codes = rng.permutation(np.repeat(np.arange(3), per))
-    assert per > (1 << 19) // len(x)
+    assert per > geometry._GRAM_ROW_ELEMS // len(x)
     stats = geometry.gram_statistics(torch.from_numpy(x), torch.from_numpy(codes), 3)
     x64 = x.astype(np.float64)
     norms = np.linalg.norm(x64, axis=1)
