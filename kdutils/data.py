@@ -104,8 +104,13 @@ def load_dataset(name: str | Path, root: str | Path = "data", download: bool = T
     path = Path(name).expanduser()
     key = str(name).strip().lower().replace("-", "").replace("_", "").replace(" ", "")
     key = _ALIASES.get(key, key)
+    looks_like_path = isinstance(name, Path) or "/" in str(name) or os.sep in str(name) or bool(path.suffix)
     if isinstance(name, Path) or str(name).lower().endswith(".npz") or (key not in DATASETS and path.is_file()):
         arrays, ds_name = _read_npz(path), path.stem
+    elif key not in DATASETS and looks_like_path:
+        raise FileNotFoundError(f"No dataset file at {path.resolve()} (relative paths start at the current directory "
+                                f"{Path.cwd()}). Check the path (an .npz with x_train, y_train, x_test, y_test), or use "
+                                f"a dataset name: {', '.join(DATASETS)}.")
     else:
         if key == "cifar10":
             arrays = _load_cifar(root, download, hundred=False)
@@ -385,9 +390,15 @@ def _validate(a: dict, source: str) -> dict:
             x = np.repeat(x, 3, axis=-1)
         if len(x) == 0:
             raise ValueError(f"{source}: x_{split} is empty; both splits need at least one image.")
-        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"{source}: y_{split} must be a 1-D integer array of class indices; got dtype {y.dtype}, "
-                             f"shape {y.shape}. Fix: y.astype(np.int64).")
+        if y.ndim == 2 and 1 in y.shape and y.size == len(x):
+            raise ValueError(f"{source}: y_{split} has shape {y.shape}; labels must be 1-D (N,). Fix: "
+                             f"y_{split}.reshape(-1).")
+        if y.ndim != 1:
+            raise ValueError(f"{source}: y_{split} must be a 1-D array of class indices (N,); got shape {y.shape}. "
+                             f"One-hot labels: y.argmax(1).")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{source}: y_{split} must hold integer class indices; got dtype {y.dtype}. Fix: "
+                             f"y.astype(np.int64) (if the values are whole numbers).")
         if len(y) != len(x):
             raise ValueError(f"{source}: x_{split} has {len(x)} images but y_{split} has {len(y)} labels; they must "
                              f"match one label per image.")
@@ -409,6 +420,14 @@ def _validate(a: dict, source: str) -> dict:
         if top >= len(classes):
             raise ValueError(f"{source}: labels go up to {top} but only {len(classes)} class names are given; labels "
                              f"must be 0..{len(classes) - 1}. Fix the labels or list every class in 'classes'.")
+    empty = sorted(set(range(len(classes))) - set(np.unique(out["y_train"]).tolist()))
+    if empty:
+        shown = ", ".join(map(str, empty[:10])) + (" ..." if len(empty) > 10 else "")
+        given = "the listed classes" if a.get("classes") is not None else f"labels 0..{top}"
+        raise ValueError(f"{source}: {given} include {len(empty)} class(es) with no training image ({shown}); a model "
+                         f"would get dead outputs and a wrong class count. Fix: relabel to 0..C-1, e.g. "
+                         f"uniq, y = np.unique(y, return_inverse=True) on both splits together, or drop the unused "
+                         f"names from 'classes'.")
     out["classes"] = classes
     return out
 

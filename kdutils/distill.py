@@ -341,7 +341,7 @@ def _resolve_layers(method: str, spec: _Spec, teacher: nn.Module, data: Dataset,
         if teacher_name is None:
             raise ValueError(f"method {method!r} uses the teacher's standard layers: pass teacher_name= (a "
                              f"kdutils.models name), or build the teacher with kdutils.models.build_model.")
-        standard = standard_layers(teacher_name)
+        standard = standard_layers(teacher_name)[-len(student_layers):]   # as many as student layers, deepest
         if teacher_layers is not None and sorted(teacher_layers) != sorted(standard):
             raise ValueError(f"method {method!r} always uses the teacher's standard layers {standard}; got "
                              f"teacher_layers={list(teacher_layers)}. Use feature_kd / feature_kd_ce for other layers.")
@@ -378,6 +378,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("the teacher must be frozen: call teacher.eval().requires_grad_(False) first "
                          "(distill does this for you).")
+    check_class_counts(teacher, student, data)
     device = torch.device(device) if device is not None else default_device()
     pairs = pair_layers(student_layers, teacher_layers) if spec.features else []
     s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
@@ -429,7 +430,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
             augment: bool = False, temperature: float = 4.0, teacher_name: str | None = None,
             student_name: str | None = None, cache: dict | None = None, cache_budget_mb: float | None = None,
             checkpoint: str | Path | None = None, device: torch.device | str | None = None,
-            progress: bool = True) -> list[dict]:
+            progress: bool = True, amp: bool = True, compile_model: bool = False) -> list[dict]:
     """Train a student with one of METHODS from a frozen teacher; return fit's per-epoch history.
 
     `student` given by name is built after seed_everything(seed), so every method starts from the same weights.
@@ -437,7 +438,8 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
     fitnets_kd); student layers to the student's standard ones. Pass one `cache` dict to reuse teacher features and
     logits across methods and seeds. The teacher is moved to the training device and put in eval mode and frozen
     while training; its mode and requires_grad flags are restored afterwards. An existing `checkpoint` of the same run
-    is resumed (or, if finished, returned without running the teacher).
+    is resumed (or, if finished, returned without running the teacher). `amp` and `compile_model` are fit's; a run
+    that diverges stops with kdutils.train.TrainingDiverged (lower `lr`, the pipeline's student_lr).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -450,6 +452,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
         student = build_model(student_name, dataset.num_classes, dataset.image_size)
     student_name = student_name or getattr(student, "kd_name", None)
     teacher_name = teacher_name or getattr(teacher, "kd_name", None)
+    check_class_counts(teacher, student, dataset)
     if {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}:
         raise ValueError("the student shares parameters with the teacher: build a fresh student.")
     cache = {} if cache is None else cache
@@ -474,7 +477,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
                                  "delete it or choose another path.")
         common = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
                       augment=augment, checkpoint=checkpoint, meta=meta, device=device, progress=progress,
-                      desc=method)
+                      desc=method, amp=amp, compile_model=compile_model, lr_name="student_lr")
         if saved is not None and saved.get("epoch", 0) >= epochs:   # finished: no teacher pass needed
             extra = _projectors_like(checkpoint) if spec.features else None
             return fit(student, dataset, extra=extra, **common)
@@ -487,6 +490,86 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
         teacher.train(was_training)
         for p, flag in zip(teacher.parameters(), grad_flags):
             p.requires_grad_(flag)
+
+
+_TERM_COLUMNS = {"ce": "|grad| from CE", "feature": "|grad| from feature MSE", "kl": "|grad| from KL"}
+
+
+def gradient_flow(teacher: nn.Module, student: nn.Module, data: Dataset, method: str, *,
+                  teacher_layers: Sequence[int] = (), student_layers: Sequence[int] = (), batch_size: int = 64,
+                  seed: int = 0) -> "pd.DataFrame":
+    """Per student parameter: the gradient norm each loss term of `method` alone sends it on one training batch.
+
+    Columns: one "|grad| from ..." per term, `part` ("backbone" up to and including the last distilled student
+    layer, "head" after it; from the module structure, see kdutils.layers.split_at_layer) and `classifier` (the
+    parameters of kdutils.models.head_parameters). The teacher is frozen for the call.
+    """
+    import pandas as pd
+    from kdutils.layers import split_at_layer
+    from kdutils.models import head_parameters
+
+    flags = [p.requires_grad for p in teacher.parameters()]
+    was_training = teacher.training
+    teacher.eval().requires_grad_(False)
+    terms: dict[str, torch.Tensor] = {}
+    grads: dict[str, dict[str, float]] = {}
+    try:
+        with distill_loss(teacher, student, data, method, teacher_layers=teacher_layers,
+                          student_layers=student_layers, seed=seed, record=terms, device=_device_of(student),
+                          progress=False) as (loss_fn, _):
+            xb, yb, idx = next(batches(data.x_train, data.y_train, batch_size, mean=data.mean, std=data.std,
+                                       with_index=True))
+            device = _device_of(student)
+            loss_fn(student, xb.to(device), yb.to(device), idx)
+            for term, loss in terms.items():
+                student.zero_grad(set_to_none=True)
+                loss.backward(retain_graph=True)
+                grads[_TERM_COLUMNS[term]] = {n: 0.0 if p.grad is None else p.grad.norm().item()
+                                              for n, p in student.named_parameters()}
+            student.zero_grad(set_to_none=True)
+    finally:
+        teacher.train(was_training)
+        for p, flag in zip(teacher.parameters(), flags):
+            p.requires_grad_(flag)
+    flow = pd.DataFrame(grads)
+    _, head = split_at_layer(student, max(student_layers)) if _SPECS[method].features else ([], [])
+    flow["part"] = ["head" if n in set(head) else "backbone" for n in flow.index]
+    classifier = {id(p) for p in head_parameters(student)}
+    flow["classifier"] = [id(p) in classifier for _, p in student.named_parameters()]
+    return flow
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """The device of a model's first parameter (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def layer_arguments(method: str, kq_layers: Sequence[int], student_layers: Sequence[int]) -> dict:
+    """distill's teacher_layers/student_layers arguments for a method, from notebook 3's selection (kq_layers.json)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    spec = _SPECS[method]
+    if not spec.features:
+        return {}
+    if spec.layers == "kq":
+        return {"teacher_layers": list(kq_layers), "student_layers": list(student_layers)}
+    return {"student_layers": list(student_layers)}
+
+
+def _output_classes(model: nn.Module) -> int | None:
+    """The number of classes a model's classifier outputs (its last Linear layer's out_features), if it has one."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1].out_features if linears else None
+
+
+def check_class_counts(teacher: nn.Module, student: nn.Module, data: Dataset) -> None:
+    """Refuse a teacher or student whose classifier does not output one logit per class of the data."""
+    for role, model in (("teacher", teacher), ("student", student)):
+        n = _output_classes(model)
+        if n is not None and n != data.num_classes:
+            raise ValueError(f"the {role} ({getattr(model, 'kd_name', type(model).__name__)}) outputs {n} classes but "
+                             f"{data.name} has {data.num_classes}: train the {role} on this dataset (or load the "
+                             f"dataset it was trained on).")
 
 
 def _checkpoint_meta(checkpoint: str | Path | None) -> dict | None:

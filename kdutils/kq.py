@@ -40,6 +40,29 @@ SELECT_BY = ("quality", "separation", "information", "efficiency", "sqrt_ie")
 _LOG5 = math.log(5.0)
 
 
+def kq_per_class(dataset: str, teacher: str) -> int:
+    """Images per class for the class spectra (subset B): 50 for CNN teachers on Tiny ImageNet, else 500.
+
+    METHOD.md 3.1: the authors extract CNN teachers' Tiny ImageNet features from a 10k-image subset (50 per class);
+    every other case (CIFAR, ViT teachers) caps the class sample at 500.
+    """
+    from kdutils.models import is_vit
+    tiny = str(dataset).strip().lower().replace("-", "").replace("_", "") in ("tinyimagenet", "tinyimagenet200")
+    return 50 if tiny and not is_vit(teacher) else 500
+
+
+def _finite(outputs: Iterator[dict[int, torch.Tensor]], names: dict[int, str]) -> Iterator[dict[int, torch.Tensor]]:
+    """Pass batches {layer: features} through, refusing NaN/inf features with an error naming the layer."""
+    for outs in outputs:
+        for i, t in outs.items():
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{names[i]}: {bad} non-finite feature value(s) (NaN/inf) in one batch, so its KQ "
+                                 f"cannot be computed. A teacher that produces them has diverged or has broken "
+                                 f"weights: retrain it with a lower teacher_lr.")
+        yield outs
+
+
 def quality_terms(geometry: dict, num_train: int) -> dict[str, float]:
     """S, I, E, sqrt(I*E) and Q (plus the margin and volume factor inside E) from one layer's geometry dict."""
     if int(num_train) < 1:
@@ -84,7 +107,8 @@ def knowledge_quality(features: torch.Tensor | np.ndarray, labels: torch.Tensor 
         for s in range(0, len(index), step):
             yield {0: x[index[s:s + step]]}
 
-    fa, spectra, _ = collect_features(chunks(), sample, [0], max_dim=max_dim)[0]
+    fa, spectra, _ = collect_features(_finite(chunks(), {0: "the features given to knowledge_quality"}), sample,
+                                      [0], max_dim=max_dim)[0]
     codes_a = torch.from_numpy(sample.codes[sample.rows_a])
     geometry = feature_geometry(fa, codes_a, spectra, sample.width)
     return {**quality_terms(geometry, num_train), **geometry, **sample.info(), "classes": sample.classes.tolist(),
@@ -243,8 +267,9 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
         bar = tqdm(total=len(todo), desc="KQ layers", disable=not progress)
         for group in groups:
             t0 = time.perf_counter()
-            features = collect_features(layer_outputs(model, x_sample, group, **passes), sample, group,
-                                        max_dim=max_dim, pooled=probe)
+            names = {i: f"teacher layer {i} ({gen[i].path})" for i in group}
+            features = collect_features(_finite(layer_outputs(model, x_sample, group, **passes), names), sample,
+                                        group, max_dim=max_dim, pooled=probe)
             tests: dict[int, torch.Tensor] = {}
             if probe:
                 pooled = [{i: pool_features(o) for i, o in outs.items()}

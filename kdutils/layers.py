@@ -7,6 +7,7 @@ Logits are never a generalized layer.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -83,6 +84,46 @@ def standard_layers(name: str) -> list[int]:
     if name not in _STANDARD_LAYERS:
         raise ValueError(f"no standard layers for {name!r}; known models: {', '.join(_STANDARD_LAYERS)}")
     return list(_STANDARD_LAYERS[name])
+
+
+def distillation_layers(name: str, k: int | None = None) -> list[int]:
+    """The student layers distilled when k pairs are used: the k deepest standard layers (all 4 when k is None)."""
+    layers = standard_layers(name)
+    k = len(layers) if k is None else k
+    if not 1 <= k <= len(layers):
+        raise ValueError(f"k={k} does not fit {name}: pass 1 <= k <= {len(layers)} (its standard layers: {layers}).")
+    return layers[len(layers) - k:]
+
+
+@functools.lru_cache(maxsize=None)
+def generalized_layer_count(name: str) -> int:
+    """How many generalized layers a kdutils.models model has (any input size; counted on a weightless copy)."""
+    from kdutils.models import build_model
+    with torch.device("meta"):
+        return len(generalized_layers(build_model(name, 10, image_size=32)))
+
+
+def split_at_layer(model: nn.Module, index: int) -> tuple[list[str], list[str]]:
+    """Parameter names (backbone, head) on either side of generalized layer `index`, from the module structure.
+
+    The backbone holds every parameter whose module runs before the layer's output (its module and all modules
+    registered before it); the head holds the rest (the modules after it: for a ResNet student, the classifier).
+    This is where :func:`tap` with ``detach_at=index`` cuts the gradient.
+    """
+    layers = generalized_layers(model)
+    layer = layers[_check_indices(model, layers, [index])[0]]
+    backbone: list[str] = []
+    head: list[str] = []
+    state = "before"            # named_modules is pre-order: before the layer's module, inside it, after it
+    for path, module in model.named_modules():
+        inside = path == layer.path or path.startswith(layer.path + ".")
+        if state == "before" and inside:
+            state = "after" if layer.hook == "input" else "inside"
+        elif state == "inside" and not inside:
+            state = "after"
+        names = [f"{path}.{n}" if path else n for n, _ in module.named_parameters(recurse=False)]
+        (head if state == "after" else backbone).extend(names)
+    return backbone, head
 
 
 @contextmanager

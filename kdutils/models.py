@@ -75,10 +75,23 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     raise ValueError(f"{type(model).__name__} has no `fc`, `classifier` or `heads` module; build it with build_model.")
 
 
+def has_imagenet_weights(name: str) -> bool:
+    """Whether torchvision has ImageNet weights for a ``MODELS`` name (build_model(..., pretrained=True) works)."""
+    return _WEIGHTS.get(name) is not None
+
+
+def is_vit(name: str) -> bool:
+    """Whether a ``MODELS`` name is a vision transformer (else a CNN)."""
+    return name in _VITS
+
+
 def build_model(name: str, num_classes: int, image_size: int = 32, pretrained: bool = False) -> nn.Module:
     """Build one of ``MODELS`` for square ``image_size`` inputs, optionally from ImageNet weights."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2 (one logit per class); got {num_classes!r}. Pass the "
+                         f"dataset's data.num_classes.")
     weights = _WEIGHTS[name] if pretrained else None
     if pretrained and weights is None:
         with_weights = ", ".join(n for n, w in _WEIGHTS.items() if w is not None)

@@ -37,6 +37,9 @@ from typing import Any
 import torch
 
 from kdutils.distill import METHODS  # method name -> one-line description
+from kdutils.kq import kq_per_class
+from kdutils.layers import generalized_layer_count, standard_layers
+from kdutils.models import MODELS, has_imagenet_weights
 from kdutils.train import default_device, library_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +69,7 @@ IMAGE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 
 PARAMETERS = {
     "dataset": "dataset name (digits, cifar10, cifar100, tinyimagenet) or a path to an .npz file",
-    "per_class": "keep this many training images per class (seeded subset); None = the whole train split",
+    "per_class": "keep this many training images per class (seeded subset); all = the whole train split",
     "image_size": "input height/width in pixels (the dataset decides; recorded for the models)",
     "pair": "teacher-student pair (one of Pairs below); sets teacher, student and their peak LRs",
     "teacher": "teacher model name (kdutils.models)",
@@ -82,8 +85,11 @@ PARAMETERS = {
     "augment": "random crop + horizontal flip (the paper's main runs use none)",
     "seeds": "student seeds, one run per method and seed (the teacher uses the first)",
     "methods": "student methods to train and compare (see Methods below)",
-    "kq_samples": "class-balanced training images used for knowledge quality (KQ)",
-    "k": "number of distilled layers (top-k teacher layers by KQ, paired with the student's standard layers)",
+    "kq_samples": "class-balanced training images used for knowledge quality (KQ) statistics (subset A)",
+    "kq_per_class": "images per class for KQ's class spectra (subset B): 500, but 50 for CNN teachers on Tiny "
+                    "ImageNet (METHOD.md 3.1); follows dataset and teacher unless set",
+    "k": "number of distilled layer pairs, 1 to the student's standard-layer count (4): the top-k teacher layers by "
+         "KQ, paired with the student's k deepest standard layers",
 }
 
 _CPU_PAIR = "resnet18_narrow-resnet10_narrow"
@@ -99,7 +105,7 @@ def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int
             "teacher_epochs": epochs[0], "student_epochs": epochs[1],
             "teacher_lr": PEAK_LR[teacher], "backbone_lr_scale": 0.01, "student_lr": PEAK_LR[student],
             "weight_decay": 0.01, "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods,
-            "kq_samples": 5000, "k": 4}
+            "kq_samples": 5000, "kq_per_class": kq_per_class(dataset, teacher), "k": 4}
 
 
 PRESETS = {
@@ -142,7 +148,9 @@ def _checked(key: str, value: Any, default: Any) -> Any:
     """`value` if it has the kind of the preset's `default` (ints -> floats, tuples -> lists), else a ValueError."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if key == "per_class":
-        kind, ok = "a positive int or None", value is None or (number and isinstance(value, int) and value > 0)
+        value = None if value == "all" else value
+        kind, ok = "a positive int, or all (the whole train split)", value is None or (
+            number and isinstance(value, int) and value > 0)
     elif isinstance(default, bool):
         kind, ok = "True or False", isinstance(value, bool)
     elif isinstance(default, int):
@@ -152,7 +160,8 @@ def _checked(key: str, value: Any, default: Any) -> Any:
             ("a positive number", number and value > 0)
         value = float(value) if ok else value
     elif isinstance(default, list):
-        kind, ok = "a non-empty list, e.g. -p seeds [0,1,2]", isinstance(value, (list, tuple)) and len(value) > 0
+        example = "[ce,feature_kd]" if key == "methods" else "[0,1,2]"
+        kind, ok = f"a non-empty list, e.g. -p {key} {example}", isinstance(value, (list, tuple)) and len(value) > 0
         value = list(value) if ok else value
     else:
         kind, ok = "a non-empty string", isinstance(value, str) and value != ""
@@ -176,6 +185,9 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
         config.update(PAIRS[overrides["pair"]])
     config.update({k: overrides[k] for k in ("teacher", "student") if k in overrides})
     for role in ("teacher", "student"):
+        if config[role] not in MODELS:
+            raise ValueError(f"unknown {role} model {config[role]!r}; choose one of: {', '.join(MODELS)}.")
+    for role in ("teacher", "student"):
         if f"{role}_lr" not in overrides and {"pair", role} & set(overrides):
             if config[role] not in PEAK_LR:
                 raise ValueError(f"no default peak LR for {role} {config[role]!r} (known: {', '.join(PEAK_LR)}); "
@@ -183,6 +195,8 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
             config[f"{role}_lr"] = PEAK_LR[config[role]]
     if "dataset" in overrides and "image_size" not in overrides:
         config["image_size"] = IMAGE_SIZES.get(overrides["dataset"], config["image_size"])
+    if "kq_per_class" not in overrides and {"dataset", "pair", "teacher"} & set(overrides):
+        config["kq_per_class"] = kq_per_class(overrides.get("dataset", config["dataset"]), config["teacher"])
     config.update({k: v for k, v in overrides.items() if k not in ("pair", "teacher", "student")})
 
     config["pair"] = next((p for p, m in PAIRS.items() if m == {"teacher": config["teacher"],
@@ -193,6 +207,23 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, bad))}; choose from: {', '.join(METHODS)}.")
     if not all(isinstance(s, int) and not isinstance(s, bool) for s in config["seeds"]):
         raise ValueError(f"seeds must be a list of ints, e.g. [0, 1, 2]; got {config['seeds']!r}.")
+    if config["pretrained"] and not has_imagenet_weights(config["teacher"]):
+        raise ValueError(f"pretrained=True, but the teacher {config['teacher']} has no ImageNet weights; pass "
+                         f"-p pretrained False, or a teacher with weights "
+                         f"({', '.join(m for m in MODELS if has_imagenet_weights(m))}).")
+    repeated = sorted({s for s in config["seeds"] if config["seeds"].count(s) > 1})
+    if repeated:
+        raise ValueError(f"seeds {config['seeds']} repeat {repeated}: a repeated seed re-uses the same run and fakes a "
+                         f"replication. Give distinct seeds, e.g. -p seeds [0,1,2].")
+    repeated = sorted({m for m in config["methods"] if config["methods"].count(m) > 1})
+    if repeated:
+        raise ValueError(f"methods {config['methods']} repeat {repeated}; list each method once.")
+    n_student = len(standard_layers(config["student"]))
+    n_teacher = generalized_layer_count(config["teacher"])
+    if not 1 <= config["k"] <= min(n_student, n_teacher):
+        raise ValueError(f"k={config['k']} does not fit: the student {config['student']} has {n_student} standard "
+                         f"(distillation) layers and the teacher {config['teacher']} {n_teacher} generalized layers; "
+                         f"pass 1 <= k <= {min(n_student, n_teacher)} (the paper: {n_student}).")
     return {"preset": name, **config}
 
 
@@ -289,9 +320,26 @@ def require_artifact(path: str | Path, notebook: str) -> Path:
     return path
 
 
+def teacher_config(config: dict, run_dir: str | Path) -> dict:
+    """`config` with `pretrained` set to what notebook 1 really used (run_dir/teacher_metrics.json), if it ran.
+
+    A paper preset asks for an ImageNet-pretrained teacher; offline, notebook 1 trains it from scratch instead. Then
+    `pretrained` becomes False and `pretrained_requested` True, so manifests and results record the real teacher.
+    """
+    path = Path(run_dir) / "teacher_metrics.json"
+    if not path.is_file():
+        return dict(config)
+    used = bool(json.loads(path.read_text()).get("pretrained", config.get("pretrained")))
+    out = {**config, "pretrained": used}
+    if used != config.get("pretrained"):
+        out["pretrained_requested"] = config.get("pretrained")
+    return out
+
+
 def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: dict[str, Path]) -> Path:
     """Record a notebook's config, seeds, versions, device, git commit and artifact hashes in run_dir/manifests/."""
     run_dir = Path(run_dir)
+    config = teacher_config(config, run_dir)
     files = {}
     for name, path in artifacts.items():
         path = require_artifact(path, notebook)
@@ -359,7 +407,8 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
         reached = [e for e, acc in zip(summary["epochs"], summary["curve"]) if target is not None and acc >= target]
         summary["epochs_to_ce_final"] = reached[0] if reached else None
     return {"preset": preset, "dataset": dataset,
-            "teacher": {"model": teacher["model"], "test_acc": teacher["test_acc"]}, "methods": methods}
+            "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
+                        if k in teacher}, "methods": methods}
 
 
 def results_markdown(results: dict) -> str:
@@ -367,8 +416,12 @@ def results_markdown(results: dict) -> str:
     methods = results["methods"]
     ce = methods.get("ce", {}).get("final_acc_mean")
     pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
-    lines = [f"Preset `{results['preset']}`, dataset `{results['dataset']}`. Teacher `{results['teacher']['model']}`: "
-             f"{100 * results['teacher']['test_acc']:.2f}% test accuracy.",
+    teacher = results["teacher"]
+    origin = ("" if "pretrained" not in teacher else " (ImageNet-pretrained, fine-tuned)" if teacher["pretrained"]
+              else " (trained from scratch: the ImageNet weights it asked for were unavailable)"
+              if teacher.get("pretrained_requested") else " (trained from scratch)")
+    lines = [f"Preset `{results['preset']}`, dataset `{results['dataset']}`. Teacher `{teacher['model']}`{origin}: "
+             f"{100 * teacher['test_acc']:.2f}% test accuracy.",
              "",
              "Test accuracy in %, mean ± sample std over seeds; final = last epoch (headline), best = best epoch "
              "(the paper's protocol). Gain over ce uses final accuracy, in points.",
@@ -386,6 +439,16 @@ def results_markdown(results: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------------------------
 # headless runner
+
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C during the pipeline: which notebooks finished, which was running, and that the same command resumes."""
+
+    def __init__(self, finished: Sequence[str], running: str | None):
+        done = ", ".join(Path(n).stem for n in finished) or "none"
+        super().__init__(f"interrupted{f' during {Path(running).stem}' if running else ''} (finished: {done}). "
+                         f"Run the same command again to resume: finished notebooks reload their checkpoints and "
+                         f"caches, and training continues after the last completed epoch.")
+
 
 class NotebookFailed(RuntimeError):
     """A pipeline notebook raised: the notebook, the failing cell, the error and the executed copy's path.
@@ -486,12 +549,17 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
                          f"nor a parameter of the notebooks ({', '.join(sorted(declared)) or 'none'}).")
 
     run_dir = Path(run_dir).resolve()  # absolute: the notebooks run with cwd=notebooks_dir
+    taken = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if taken is not None and not taken.is_dir():
+        raise ValueError(f"the run directory {run_dir} cannot be created: {taken} is a file. Pass a folder to "
+                         f"--run-dir (run_dir=).")
     (run_dir / "executed").mkdir(parents=True, exist_ok=True)
     kernel_name = kernel_name or current_kernel_name()
     parameters = {"preset": config["preset"], "run_dir": str(run_dir),
                   **({"progress": False} if "progress" in declared else {}), **params}  # one log line per epoch
     log = print if progress else (lambda *a, **k: None)
     log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
+    finished: list[str] = []
     for i, path in enumerate(paths, 1):
         executed = run_dir / "executed" / path.name
         log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
@@ -500,13 +568,18 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
             papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
                                        language="python", cwd=str(notebooks_dir), log_output=log_output,
                                        progress_bar=progress)
+        except KeyboardInterrupt:
+            raise PipelineInterrupted(finished, path.name) from None
         except PapermillExecutionError as err:
+            if err.ename == "KeyboardInterrupt":      # the kernel got the same Ctrl-C
+                raise PipelineInterrupted(finished, path.name) from None
             index = _source_cell_index(path, executed, fallback=err.cell_index)
             raise NotebookFailed(path.name, executed, index, err.ename, err.evalue, err.source,
                                  executed_cell_index=err.cell_index) from err
         except Exception as err:  # kernel death, timeouts: still name the notebook
             raise NotebookFailed(path.name, executed, None, type(err).__name__, str(err)) from err
         log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
+        finished.append(path.name)
 
     results = json.loads(require_artifact(run_dir / RESULTS_FILE, notebooks[-1]).read_text())
     table = results_markdown(results)
@@ -575,6 +648,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotebookFailed, FileNotFoundError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:      # one line, not a traceback through papermill's event loop
+        print(str(err) if isinstance(err, PipelineInterrupted) else
+              "interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import platform
 import random
@@ -36,9 +37,21 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU."""
-    if device.type != "cuda":
+# OneCycle warm-up share of the steps (the paper's schedule, METHOD.md section 5).
+ONE_CYCLE_PCT_START = 0.3
+# A run has diverged when a step's loss is not finite or exceeds this many times max(1, its first step's loss).
+DIVERGENCE_FACTOR = 100.0
+# On CUDA the divergence flag is read back every this many steps (and at the end of each epoch), not every step.
+DIVERGENCE_CHECK_EVERY = 50
+
+
+class TrainingDiverged(RuntimeError):
+    """A training run's loss became non-finite or grew far above its start; nothing of it was saved."""
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU or when not `enabled`."""
+    if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype)
@@ -141,15 +154,55 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                            "delete it and train again.") from e
 
 
+def model_name(model: nn.Module) -> str:
+    """The kdutils.models name a model was built with (its class name for other models)."""
+    return getattr(model, "kd_name", None) or type(model).__name__
+
+
+def _check_architecture(path: str | Path, saved: dict, model: str, num_classes: int, role: str = "model") -> None:
+    """Refuse a checkpoint written for another architecture or class count, naming what it holds and the fix."""
+    held = (saved.get("model"), saved.get("num_classes"))
+    if None in held or held == (model, num_classes):
+        return
+    raise ValueError(f"{path} holds a {held[0]} {role} for {held[1]} classes, not a {model} for {num_classes} "
+                     f"classes; choose another run directory (--run-dir) or delete {path}.")
+
+
+def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
+    """load_state_dict with a one-line error (not a page of size mismatches) when the weights do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))[:160]
+        raise ValueError(f"the weights in {path} do not fit a {model_name(model)} ({first} ...); it was written for "
+                         f"another model or class count: choose another run directory or delete it.") from None
+
+
+def _maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
+    """torch.compile(model) when asked and available (it shares the model's parameters), else the model itself."""
+    if not enabled:
+        return model
+    if not hasattr(torch, "compile"):
+        print("compile_model: this torch has no torch.compile; training eagerly", flush=True)
+        return model
+    return torch.compile(model)
+
+
 def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 128,
         weight_decay: float = 0.01, seed: int = 0, augment: bool = False, loss_fn: LossFn | None = None,
         extra: nn.Module | None = None, checkpoint: str | Path | None = None, meta: dict | None = None,
         device: torch.device | str | None = None, progress: bool = True, desc: str = "train",
-        backbone_lr_scale: float = 1.0) -> list[dict]:
+        backbone_lr_scale: float = 1.0, amp: bool = True, compile_model: bool = False,
+        lr_name: str = "lr") -> list[dict]:
     """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history.
 
     `backbone_lr_scale` < 1 gives everything but the classifier (models.head_parameters) that fraction of the peak
-    LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01).
+    LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01). `amp` turns on bf16 autocast on
+    CUDA (fp32 when False; the CPU always runs fp32); `compile_model` trains through torch.compile(model), falling
+    back to eager mode with a message if compilation fails. A run whose loss turns non-finite or exceeds
+    DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch, the step and the
+    learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so no diverged state
+    is ever saved.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -173,25 +226,31 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         groups, peaks = [{"params": backbone}, {"params": head + extra_params}], [lr * backbone_lr_scale, lr]
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
-                                                pct_start=0.3)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and not torch.cuda.is_bf16_supported())
+                                                pct_start=ONE_CYCLE_PCT_START)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
     config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
-              "augment": augment, "num_train": data.num_train, "dataset": data.name}
+              "augment": augment, "num_train": data.num_train, "dataset": data.name,
+              "model": model_name(model), "num_classes": data.num_classes}
     if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
         config["backbone_lr_scale"] = backbone_lr_scale
     meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed}
     history: list[dict] = []
+    reference: float | None = None     # max(1, first-step loss): the divergence rule's yardstick
 
     if checkpoint is not None and Path(checkpoint).exists():
         ck = load_checkpoint(checkpoint, map_location=device)
-        diff = {k: (ck["config"].get(k), v) for k, v in config.items() if ck["config"].get(k) != v}
+        _check_architecture(checkpoint, ck["config"], config["model"], config["num_classes"],
+                            role=desc if desc in ("teacher", "student") else "model")
+        diff = {k: (ck["config"].get(k), v) for k, v in config.items()
+                if k not in ("model", "num_classes") and ck["config"].get(k) != v}
         if diff:
             raise ValueError(f"checkpoint {checkpoint} was written by a different run (saved vs now: {diff}); "
                              "delete it or choose another run directory.")
-        model.load_state_dict(ck["model"])
+        _load_state(model, ck["model"], checkpoint)
         if extra is not None and ck.get("extra") is not None:
             extra.load_state_dict(ck["extra"])
         history = list(ck["history"])
+        reference = ck.get("loss_reference")
         if ck["epoch"] >= epochs:
             print(f"{desc}: reusing finished checkpoint {checkpoint} "
                   f"({epochs} epochs, test acc {history[-1]['test_acc']:.4f})")
@@ -200,27 +259,64 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         sched.load_state_dict(ck["scheduler"])
         print(f"{desc}: resuming {checkpoint} after epoch {ck['epoch']} of {epochs}")
 
+    net = _maybe_compile(model, compile_model)
+    compiled_ran = False      # after one good compiled step, errors are the model's, not the compiler's
+
+    def diverged(epoch: int, step: int, value: float) -> TrainingDiverged:
+        removed = ""
+        if checkpoint is not None and Path(checkpoint).exists():
+            Path(checkpoint).unlink()
+            removed = f" Its partial checkpoint {checkpoint} was removed."
+        why = "is not finite" if not math.isfinite(value) else \
+            f"exceeds {DIVERGENCE_FACTOR:g} x its start ({reference:.4g})"
+        return TrainingDiverged(
+            f"{desc} diverged in epoch {epoch}, step {step} of {steps}: the loss {value:.4g} {why}. Lower the peak "
+            f"learning rate ({lr_name}, now {lr:g}; e.g. -p {lr_name} {lr / 10:g}) and run again.{removed}")
+
     for epoch in range(len(history) + 1, epochs + 1):
         model.train()
         gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # data order depends only on (seed, epoch)
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
+        first_bad = torch.full((), -1, device=device, dtype=torch.long)   # first diverged step, read back rarely
+        bad_loss = torch.zeros((), device=device)
         seen = 0
         it = batches(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen, drop_last=drop_last,
                      mean=data.mean, std=data.std, augment=augment, with_index=True)
         bar = tqdm(it, total=steps, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
-        for xb, yb, idx in bar:
-            with autocast(device):
-                loss, logits = loss_fn(model, to_input(xb, device), yb, idx)
+        for step, (xb, yb, idx) in enumerate(bar, 1):
+            xb = to_input(xb, device)
+            with autocast(device, amp):
+                try:
+                    loss, logits = loss_fn(net, xb, yb, idx)
+                except Exception as err:  # torch.compile failed on its first step: train eagerly instead
+                    if net is model or compiled_ran:
+                        raise
+                    print(f"compile_model: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                          "training eagerly", flush=True)
+                    net = model
+                    loss, logits = loss_fn(net, xb, yb, idx)
+            compiled_ran = True
+            value = loss.detach().float()
+            if reference is None:
+                reference = max(1.0, value.item()) if math.isfinite(value.item()) else 1.0
+            bad = ~torch.isfinite(value) | (value > DIVERGENCE_FACTOR * reference)
+            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+            bad_loss = torch.where(bad & (first_bad == step), value, bad_loss)
+            if device.type != "cuda" or step % DIVERGENCE_CHECK_EVERY == 0 or step == steps:
+                if first_bad.item() >= 0:
+                    raise diverged(epoch, int(first_bad.item()), bad_loss.item())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             sched.step()
-            loss_sum += loss.detach().float() * len(yb)
+            loss_sum += value * len(yb)
             correct += (logits.detach().argmax(1) == yb).sum()
             seen += len(yb)
+        if first_bad.item() >= 0:
+            raise diverged(epoch, int(first_bad.item()), bad_loss.item())
         test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
         row = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
                "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0]}
@@ -231,19 +327,26 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
             save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                "history": history, "config": config,
+                "history": history, "config": config, "loss_reference": reference,
                 "meta": {**meta, "epoch": epoch, "accuracy": test_acc, "versions": library_versions()}})
     return history
 
 
-def load_model(path: str | Path, device: torch.device | str | None = None) -> nn.Module:
-    """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode."""
+def load_model(path: str | Path, device: torch.device | str | None = None, *, expect_model: str | None = None,
+               num_classes: int | None = None, role: str = "model") -> nn.Module:
+    """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode.
+
+    With `expect_model` / `num_classes`, a checkpoint of another architecture or class count is refused with a
+    message naming what it holds (`role` words it, e.g. "teacher").
+    """
     ck = load_checkpoint(path)
     meta = ck.get("meta", {})
     missing = [k for k in ("model", "num_classes") if k not in meta]
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing} in its meta; train it with "
                          "fit(..., meta={'model': name, 'image_size': size}).")
+    _check_architecture(path, meta, expect_model or meta["model"],
+                        meta["num_classes"] if num_classes is None else num_classes, role)
     model = build_model(meta["model"], meta["num_classes"], image_size=meta.get("image_size", 32))
-    model.load_state_dict(ck["model"])
+    _load_state(model, ck["model"], path)
     return prepare_model(model, torch.device(device) if device is not None else default_device()).eval()

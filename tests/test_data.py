@@ -267,7 +267,7 @@ def test_npz_valid_without_classes_and_grayscale(tmp_path):
     ({"y_train": np.arange(20) - 1}, "y_train has negative labels", "0..C-1"),
     ({"y_test": np.arange(8)}, "labels go up to 7 but only 4 class names", "list every class"),
     ({"y_train": np.arange(19) % 4}, "x_train has 20 images but y_train has 19 labels", "one label per image"),
-    ({"y_train": (np.arange(20) % 4).astype(float)}, "y_train must be a 1-D integer array", "astype(np.int64)"),
+    ({"y_train": (np.arange(20) % 4).astype(float)}, "y_train must hold integer class indices", "astype(np.int64)"),
     ({"x_test": np.zeros((8, 16, 16, 3), np.uint8)}, "train images are \\(8, 8, 3\\) but test images are",
      "resize one split"),
     ({"classes": np.array([["a", "b"], ["c", "d"]])}, "classes must be a non-empty 1-D array", "dtype=str"),

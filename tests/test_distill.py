@@ -362,3 +362,31 @@ def test_default_teacher_layers_come_from_kq(tiny, teacher, monkeypatch, tmp_pat
                 progress=False, device="cpu")
         assert load_checkpoint(ck)["meta"]["teacher_layers"] == [1, 3, 4, 5]   # top 4 by quality, depth order
     assert calls == [16], "KQ runs once per teacher and dataset when the cache is shared"
+
+
+# the paper's four students: CE never reaches the backbone (defined from the module structure, not the gradients)
+@pytest.mark.parametrize("student_name, teacher_name, t_layers, head_starts", [
+    ("resnet9", SMALL, SMALL_LAYERS, ("fc.",)),
+    ("vgg11_bn", SMALL, SMALL_LAYERS, ("classifier.",)),
+    ("mobilenet_v2", SMALL, SMALL_LAYERS, ("features.18.", "classifier.")),     # 1x1 conv 320->1280 after layer 17
+    ("vit_et", "vit_et", [1, 2, 3, 4], ("encoder.layers.encoder_layer_7.", "encoder.ln.", "heads.")),
+])
+def test_gradient_isolation_of_every_paper_student(tiny, student_name, teacher_name, t_layers, head_starts):
+    from kdutils.distill import gradient_flow
+    seed_everything(0)
+    teacher = build_model(teacher_name, 10)
+    student = build_model(student_name, 10)
+    if hasattr(student, "heads"):          # open the zero-initialised ViT head, so CE would reach the last block
+        nn.init.normal_(student.heads.head.weight, std=0.1)
+    flow = gradient_flow(teacher, student, tiny, "feature_kd", teacher_layers=t_layers,
+                         student_layers=standard_layers(student_name), batch_size=8)
+    head = flow.index[flow["part"] == "head"]
+    backbone = flow.index[flow["part"] == "backbone"]
+    assert sorted(head) == sorted(n for n in flow.index if n.startswith(head_starts))   # structure, as expected
+    ce, mse = flow["|grad| from CE"], flow["|grad| from feature MSE"]
+    assert (ce[backbone] == 0).all(), f"CE reached {list(backbone[ce[backbone] > 0])[:3]}"
+    assert (mse[head] == 0).all(), "the feature loss reached the head"
+    assert (ce[head] > 0).all(), "every head tensor learns from CE"
+    assert (mse[backbone] > 0).all(), f"no feature gradient for {list(backbone[mse[backbone] == 0])[:3]}"
+    assert flow["classifier"].sum() >= 2 and set(flow.index[flow["classifier"]]) <= set(head)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())     # restored afterwards

@@ -48,6 +48,29 @@ def test_preset_values():
         assert paper["pretrained"] and not paper["augment"] and "fitnets_kd" in paper["methods"]
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "tinyimagenet"])
+def test_paper_presets_match_method_md_literally(name):
+    """METHOD.md sections 3.1, 5 and 7, written out here as literals (not read back from kdutils' own tables)."""
+    import inspect
+    from kdutils import distill, train
+    config = resolve_config(name)
+    assert (config["weight_decay"], config["batch_size"]) == (0.01, 128)              # AdamW wd 0.01, batch 128
+    assert (config["teacher_epochs"], config["student_epochs"]) == (50, 50)
+    assert config["backbone_lr_scale"] == 0.01 and config["pretrained"] is True        # fine-tuned ImageNet teacher
+    assert config["kq_samples"] == 5000 and config["k"] == 4
+    assert config["kq_per_class"] == (50 if name == "tinyimagenet" else 500)          # CNN teacher on TIN: 50
+    assert config["augment"] is False and config["seeds"] == [0, 1, 2]
+    assert (config["teacher"], config["student"], config["teacher_lr"], config["student_lr"]) == \
+        ("resnet34", "resnet9", 0.0075, 0.0075)                                          # MaxLR peaks
+    assert train.ONE_CYCLE_PCT_START == 0.3
+    assert inspect.signature(distill.distill).parameters["temperature"].default == 4.0  # T = 4, weight T^2 = 16
+    assert inspect.signature(train.fit).parameters["weight_decay"].default == 0.01
+    peaks = {pair: (resolve_config(name, pair=pair)["teacher_lr"], resolve_config(name, pair=pair)["student_lr"])
+             for pair in ("vgg19-vgg11", "resnet34-mobilenetv2", "vitb-vitet")}
+    assert peaks == {"vgg19-vgg11": (0.005, 0.005), "resnet34-mobilenetv2": (0.0075, 0.0075),
+                     "vitb-vitet": (0.0001, 0.001)}
+
+
 def test_auto_is_quick_on_cpu_and_cifar10_with_cuda(monkeypatch):
     assert not torch.cuda.is_available()  # this test machine
     assert resolve_config()["preset"] == "quick"
@@ -88,7 +111,7 @@ def test_pair_override_sets_models_and_learning_rates():
     ("quick", {"augment": "yes"}, ["augment", "True or False"]),
     ("quick", {"methods": ["ce", "kd"]}, ["'kd'", "hinton_kd"]),
     ("quick", {"seeds": [0, "1"]}, ["seeds", "ints"]),
-    ("quick", {"teacher": "resnet50"}, ["resnet50", "teacher_lr"]),
+    ("quick", {"teacher": "resnet50"}, ["unknown teacher model", "resnet50", "resnet34"]),
 ])
 def test_bad_configs_raise_with_the_fix(preset, overrides, words):
     with pytest.raises(ValueError) as err:
