@@ -176,6 +176,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
     n = len(x)
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
     order = order.to(x.device)
+    if mean is not None:      # on x's device once, not one host-to-device copy (and stall) per batch
+        mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device) for v in (mean, std))
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
         if drop_last and len(idx) < batch_size:

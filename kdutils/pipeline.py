@@ -522,6 +522,18 @@ def absolute_paths(params: dict) -> dict:
     return out
 
 
+def _kernel_manager_logging_to(log: Path) -> type:
+    """A jupyter AsyncKernelManager class whose kernels write their own stderr (start-up warnings, the dying words
+    of an interrupted kernel) to `log` instead of the terminal; cell outputs still reach the executed notebooks."""
+    from jupyter_client import AsyncKernelManager
+
+    class LoggingKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw):  # noqa: D102 (jupyter_client's signature)
+            with open(log, "ab") as stderr:  # the kernel inherits a duplicate of the descriptor
+                await super().start_kernel(**{"stderr": stderr, **kw})
+    return LoggingKernelManager
+
+
 def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None = None,
                  notebooks_dir: str | Path = NOTEBOOKS_DIR, kernel_name: str | None = None,
                  log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS) -> dict:
@@ -560,6 +572,7 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
     log = print if progress else (lambda *a, **k: None)
     log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
     finished: list[str] = []
+    kernel_manager = _kernel_manager_logging_to(run_dir / "executed" / "kernel.log")
     for i, path in enumerate(paths, 1):
         executed = run_dir / "executed" / path.name
         log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
@@ -567,7 +580,7 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
         try:
             papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
                                        language="python", cwd=str(notebooks_dir), log_output=log_output,
-                                       progress_bar=progress)
+                                       progress_bar=progress, kernel_manager_class=kernel_manager)
         except KeyboardInterrupt:
             raise PipelineInterrupted(finished, path.name) from None
         except PapermillExecutionError as err:
@@ -576,8 +589,9 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
             index = _source_cell_index(path, executed, fallback=err.cell_index)
             raise NotebookFailed(path.name, executed, index, err.ename, err.evalue, err.source,
                                  executed_cell_index=err.cell_index) from err
-        except Exception as err:  # kernel death, timeouts: still name the notebook
-            raise NotebookFailed(path.name, executed, None, type(err).__name__, str(err)) from err
+        except Exception as err:  # kernel death, timeouts: still name the notebook and the kernel's own log
+            raise NotebookFailed(path.name, executed, None, type(err).__name__,
+                                 f"{err} (the kernel's log: {run_dir / 'executed' / 'kernel.log'})") from err
         log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
         finished.append(path.name)
 

@@ -185,6 +185,9 @@ def _maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     if not hasattr(torch, "compile"):
         print("compile_model: this torch has no torch.compile; training eagerly", flush=True)
         return model
+    # Dynamo's cache is keyed by code, not by hooks: a graph compiled for a hook-free model of the same class would
+    # be reused for a student whose layers are tapped (distill), and its hooks would silently never fire.
+    torch.compiler.reset()
     return torch.compile(model)
 
 
