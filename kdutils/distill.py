@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,34 +29,81 @@ from kdutils.models import build_model
 from kdutils.train import (LossFn, autocast, default_device, fit, load_checkpoint, prepare_model, seed_everything,
                            state_fingerprint, to_input)
 
-METHODS: dict[str, str] = {
-    "ce": "student alone with cross-entropy (the budget-matched baseline: same init, same data order)",
-    "hinton_kd": "CE + T^2 KL(teacher || student) on logits softened at T = 4 (Hinton et al., 2015)",
-    "feature_kd": "ours: MSE to the KQ-selected teacher layers through 1x1 projectors; the head learns by CE on "
-                  "detached features, so no logit loss reaches the backbone",
-    "feature_kd_ce": "ours + CE: the same layers and projectors, but CE also trains the backbone (ablation 'Ours+CE')",
-    "standard_layers": "CE-free like feature_kd, with the teacher's standard layers (layer-choice ablation)",
-    "fitnets_kd": "'Base FKD' (FitNets-style): standard layers, 1x1 projectors, MSE + CE + T^2 KL",
-}
-
-
 @dataclass(frozen=True)
-class _Spec:
-    """What a method uses: feature MSE, whose layers, whether CE reaches the backbone, Hinton KL."""
-    features: bool
-    layers: str          # "kq" | "standard" | ""
-    ce_backbone: bool
-    kl: bool
+class Method:
+    """One entry of the method registry: the paper's display name, a one-line summary, and what the method trains.
+
+    feature: "" (none), "mse" (each student layer -> its paired teacher layer through a 1x1 projector, MSE),
+    "mse_all" (every student layer -> every teacher layer, 1x1 projectors, the mean of all pair MSEs: weight 1/4 per
+    teacher layer and 1/4 per student layer) or "sp" (similarity-preserving: MSE between the batch cosine-Gram
+    matrices of student and teacher features, per layer pair). layers: the teacher layers, "standard" or a KQ score
+    whose top-k layers are used ("quality" = Q, "separation", "information", "efficiency", "sqrt_ie").
+    ce_backbone: False detaches the student's last distilled layer, so CE trains only the head after it.
+    temperature: Hinton KL at this T with weight T^2 (None: no KL); standardize: z-score both logit vectors first.
+    """
+    label: str
+    summary: str
+    feature: str = ""
+    layers: str = ""
+    ce_backbone: bool = True
+    temperature: float | None = None
+    standardize: bool = False
+
+    @property
+    def features(self) -> bool:
+        """Whether the method has a feature loss (and so teacher layers, student layers and projectors)."""
+        return bool(self.feature)
+
+    @property
+    def kl(self) -> bool:
+        """Whether the method has a Hinton KL term on the logits."""
+        return self.temperature is not None
 
 
-_SPECS = {
-    "ce": _Spec(False, "", True, False),
-    "hinton_kd": _Spec(False, "", True, True),
-    "feature_kd": _Spec(True, "kq", False, False),
-    "feature_kd_ce": _Spec(True, "kq", True, False),
-    "standard_layers": _Spec(True, "standard", False, False),
-    "fitnets_kd": _Spec(True, "standard", True, True),
+REGISTRY: dict[str, Method] = {
+    "ce": Method("Student", "the student alone with cross-entropy: the budget-matched baseline (same init, same "
+                 "data order)"),
+    "hinton_kd": Method("Van. KD", "CE + 16 KL(teacher || student) on logits softened at T = 4 (Hinton et al., 2015)",
+                        temperature=4.0),
+    "hinton_kd_t2": Method("Van. KD T2", "CE + 4 KL at T = 2", temperature=2.0),
+    "hinton_kd_std": Method("Van. KD Std.", "CE + 16 KL at T = 4 on z-scored logits (logit standardisation, Sun et "
+                            "al., 2024)", temperature=4.0, standardize=True),
+    "feature_kd": Method("Ours", "ours: MSE to the top-k teacher layers by KQ through 1x1 projectors; the head learns "
+                         "by CE on detached features, so no logit loss reaches the backbone",
+                         feature="mse", layers="quality", ce_backbone=False),
+    "feature_kd_ce": Method("Ours+CE", "ours with CE into the backbone too (same layers and projectors)",
+                            feature="mse", layers="quality"),
+    "feature_kd_ll": Method("Ours+LL", "ours with CE + 16 KL(T = 4) into the backbone (logit losses back in)",
+                            feature="mse", layers="quality", temperature=4.0),
+    "standard_layers": Method("Base FKD-LL", "CE-free like ours, with the teacher's standard layers (layer-choice "
+                              "ablation)", feature="mse", layers="standard", ce_backbone=False),
+    "fitnets_kd": Method("Base FKD", "FitNets-style: standard layers, 1x1 projectors, MSE + CE + 16 KL(T = 4)",
+                         feature="mse", layers="standard", temperature=4.0),
+    "fitnets_kd_nokl": Method("Base FKD-KL", "standard layers, 1x1 projectors, MSE + CE into the backbone, no KL",
+                              feature="mse", layers="standard"),
+    "fitnets_fc_kd": Method("Base FKD+FC", "every student standard layer against all teacher standard layers (1x1 "
+                            "projectors, weights 1/4) + CE + 16 KL(T = 4)", feature="mse_all", layers="standard",
+                            temperature=4.0),
+    "sp_kd": Method("Sim. Pres.", "similarity-preserving KD: MSE of the whole batch Gram matrices of L2-normalised "
+                    "features at the standard layers + CE + 16 KL(T = 4) (the released code compares only row 0 of "
+                    "each matrix, METHOD.md 9.6)", feature="sp", layers="standard", temperature=4.0),
+    "simkd": Method("SimKD", "SimKD as the paper runs it: the student's last standard layer -> 3-layer conv projector "
+                    "-> a trainable copy of the teacher from its last standard layer on (that layer re-applied), "
+                    "whose logits are the prediction at test time too; MSE to the teacher's feature + CE + 16 KL "
+                    "(T = 4)", feature="simkd", layers="standard", temperature=4.0),
+    "semckd": Method("SemCKD", "SemCKD: every student standard layer against every teacher standard layer through "
+                     "3-layer conv projectors, weighted per sample by attention over teacher layers (MLPs on batch "
+                     "Gram rows) + CE + 16 KL (T = 4)", feature="semckd", layers="standard", temperature=4.0),
+    "feature_kd_s": Method("S Only", "CE-free like ours, teacher layers = top-k by separation S alone",
+                           feature="mse", layers="separation", ce_backbone=False),
+    "feature_kd_i": Method("I Only", "CE-free like ours, teacher layers = top-k by information I alone",
+                           feature="mse", layers="information", ce_backbone=False),
+    "feature_kd_e": Method("E Only", "CE-free like ours, teacher layers = top-k by efficiency E alone",
+                           feature="mse", layers="efficiency", ce_backbone=False),
+    "feature_kd_sqrt_ie": Method("No S", "CE-free like ours, teacher layers = top-k by sqrt(I E) (Q without S)",
+                                 feature="mse", layers="sqrt_ie", ce_backbone=False),
 }
+METHODS: dict[str, str] = {name: m.summary for name, m in REGISTRY.items()}   # name -> one-line description
 
 Shape = tuple[int, ...]
 
@@ -63,9 +111,20 @@ Shape = tuple[int, ...]
 # ----------------------------------------------------------------------------------------------------------------
 # losses and projectors
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
-    """Hinton KD: T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, averaged over the batch (fp32)."""
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Logit standardisation (Sun et al., 2024): (z - mean(z)) / (std(z) + eps) per sample, std with Bessel's
+    correction (torch's default, as their code)."""
+    z = logits.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0,
+            standardize: bool = False) -> torch.Tensor:
+    """Hinton KD: T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, averaged over the batch (fp32);
+    with `standardize`, both logit vectors are z-scored first (standardize_logits)."""
     t = float(temperature)
+    if standardize:
+        student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
     p_t = F.softmax(teacher_logits.float() / t, dim=1)
     return F.kl_div(log_p_s, p_t, reduction="batchmean") * (t * t)
@@ -151,8 +210,14 @@ def make_projectors(student_shapes: Sequence[Shape], teacher_shapes: Sequence[Sh
 
 
 def teacher_targets(teacher_feats: Sequence[torch.Tensor], student_shapes: Sequence[Shape],
-                    teacher_shapes: Sequence[Shape]) -> list[torch.Tensor]:
-    """Teacher features as (B, C, *space) maps, adaptive-average-pooled to the size they are compared at."""
+                    teacher_shapes: Sequence[Shape], kind: str = "aligned") -> list[torch.Tensor]:
+    """What a method compares with, from the teacher's features: "aligned" (B, C, *space) maps, adaptive-average-
+    pooled to the size of their pair; "normalized" flattened L2-normalised (B, D) vectors (similarity-preserving
+    KD); "raw" the features as they are (SemCKD pools them per pair itself)."""
+    if kind == "raw":
+        return list(teacher_feats)
+    if kind == "normalized":
+        return [F.normalize(f.flatten(1).float(), dim=1) for f in teacher_feats]
     out = []
     for f, s, t in zip(teacher_feats, student_shapes, teacher_shapes):
         rank, _, _, size = _alignment(tuple(s), tuple(t))
@@ -175,6 +240,135 @@ def feature_loss(student_feats: Sequence[torch.Tensor], targets: Sequence[torch.
         with torch.autocast(s.device.type, enabled=False):
             losses.append(F.mse_loss(proj(s.float()), t.float()))
     return torch.stack(losses).mean()
+
+
+def similarity_loss(student_feats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Similarity-preserving KD (Tung & Mori, 2019, as the paper's baseline): per layer pair, the MSE between the
+    B x B cosine-similarity (Gram) matrices of the student's and the teacher's flattened features, averaged over the
+    whole matrix and then over the pairs, in float32. `targets` are L2-normalised teacher vectors (teacher_targets
+    with normalized=True)."""
+    if len(student_feats) != len(targets):
+        raise ValueError(f"got {len(student_feats)} student features but {len(targets)} targets; one per layer pair.")
+    losses = []
+    for s, t in zip(student_feats, targets):
+        with torch.autocast(s.device.type, enabled=False):
+            s = F.normalize(s.flatten(1).float(), dim=1)
+            t = t.float()
+            losses.append(F.mse_loss(s @ s.T, t @ t.T))
+    return torch.stack(losses).mean()
+
+
+def expand_pairs(method: str, student_layers: Sequence[int], teacher_layers: Sequence[int]
+                 ) -> tuple[list[int], list[int]]:
+    """The (student, teacher) layer pairs a method compares, as two aligned lists: depth-order one-to-one pairs,
+    every student layer with every teacher layer for the "mse_all" methods (Base FKD+FC), or only the deepest pair
+    for SimKD."""
+    pairs = pair_layers(student_layers, teacher_layers)
+    if REGISTRY[method].feature in ("mse_all", "semckd"):
+        pairs = [(s, t) for s, _ in pairs for _, t in pairs]
+    elif REGISTRY[method].feature == "simkd":
+        pairs = pairs[-1:]
+    return [s for s, _ in pairs], [t for _, t in pairs]
+
+
+def three_layer_projector(c_in: int, c_out: int, rank: int = 2) -> nn.Sequential:
+    """SimKD's (and SemCKD's) projector: 1x1 conv -> BN -> ReLU -> 3x3 conv -> BN -> ReLU -> 1x1 conv, hidden width
+    2 x c_out, no biases; Conv1d over the tokens for ViT features (rank 1)."""
+    conv, norm = (nn.Conv1d, nn.BatchNorm1d) if rank == 1 else (nn.Conv2d, nn.BatchNorm2d)
+    hidden = 2 * c_out
+    return nn.Sequential(conv(c_in, hidden, 1, bias=False), norm(hidden), nn.ReLU(inplace=True),
+                         conv(hidden, hidden, 3, padding=1, bias=False), norm(hidden), nn.ReLU(inplace=True),
+                         conv(hidden, c_out, 1, bias=False))
+
+
+def _embedding_mlp(n: int) -> nn.Sequential:
+    """SemCKD's attention embedding: a batch Gram row (n values) -> 256 -> LeakyReLU -> 128 (L2-normalised later)."""
+    return nn.Sequential(nn.Linear(n, 256), nn.LeakyReLU(0.1, inplace=True), nn.Linear(256, 128))
+
+
+def semckd_modules(s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], n_student: int, n_teacher: int,
+                   batch_size: int) -> nn.ModuleDict:
+    """SemCKD's trainable parts: a 3-layer projector per (student, teacher) pair (all-to-all, student-major) and one
+    query MLP per student layer and one key MLP per teacher layer on rows of the batch Gram matrix (so the batch
+    size is fixed: the paper's runs drop the last, smaller batch)."""
+    projectors = []
+    for s, t in zip(s_shapes, t_shapes):
+        rank, cs, ct, _ = _alignment(tuple(s), tuple(t))
+        projectors.append(three_layer_projector(cs, ct, rank))
+    return nn.ModuleDict({"projectors": nn.ModuleList(projectors),
+                          "query": nn.ModuleList(_embedding_mlp(batch_size) for _ in range(n_student)),
+                          "key": nn.ModuleList(_embedding_mlp(batch_size) for _ in range(n_teacher))})
+
+
+def semckd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+                s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], modules: nn.ModuleDict) -> torch.Tensor:
+    """SemCKD's feature loss on unique student and teacher layers (all-to-all pairs, student-major order).
+
+    Per layer, the B x B dot-product Gram matrix of the flattened features; each row through the layer's query
+    (student) or key (teacher) MLP, L2-normalised; for student layer s and sample b, the weights over teacher layers
+    are softmax_t(q_s(b) . k_t(b)). Loss = mean over samples of sum_t w_st(b) * MSE_b(projector_st(f_s), f_t),
+    averaged over the student layers (feature weight 1, as in the paper's runs), in float32.
+    """
+    n_s, n_t = len(student_feats), len(teacher_feats)
+    if len(modules["projectors"]) != n_s * n_t:
+        raise ValueError(f"{len(modules['projectors'])} projectors for {n_s} x {n_t} layer pairs.")
+    with torch.autocast(student_feats[0].device.type, enabled=False):
+        def embed(f: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+            flat = f.flatten(1).float()
+            return F.normalize(mlp(flat @ flat.T), dim=1)
+        queries = torch.stack([embed(f, m) for f, m in zip(student_feats, modules["query"])])       # (S, B, 128)
+        keys = torch.stack([embed(f, m) for f, m in zip(teacher_feats, modules["key"])])           # (T, B, 128)
+        weights = torch.einsum("sbd,tbd->sbt", queries, keys).softmax(dim=-1)                      # (S, B, T)
+        total = 0.0
+        for i, f_s in enumerate(student_feats):
+            for j, f_t in enumerate(teacher_feats):
+                k = i * n_t + j
+                rank, _, _, size = _alignment(tuple(s_shapes[k]), tuple(t_shapes[k]))
+                target = _pool(feature_map(f_t.float(), rank), size)
+                projected = modules["projectors"][k](_pool(feature_map(f_s.float(), rank), size))
+                per_sample = (projected - target).pow(2).flatten(1).mean(dim=1)                      # (B,)
+                total = total + (weights[i, :, j] * per_sample).mean()
+    return total / n_s
+
+
+class SimKDStudent(nn.Module):
+    """SimKD's network, for training and inference alike: the student up to its last distilled layer, a 3-layer
+    projector onto the teacher's feature at its last distilled layer, then a trainable copy of the teacher from
+    that layer on (kdutils.layers.model_tail), whose logits are the prediction."""
+
+    def __init__(self, student: nn.Module, student_layer: int, projector: nn.Module, tail: nn.Module, rank: int,
+                 size: Shape):
+        super().__init__()
+        self.student, self.projector, self.tail = student, projector, tail
+        self.student_layer, self.rank, self.size = student_layer, rank, tuple(size)
+        self.kd_name = f"simkd({getattr(student, 'kd_name', type(student).__name__)})"
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The projected student feature, (B, C_teacher, *space), compared with the teacher's by MSE."""
+        feature = extract(self.student, x, [self.student_layer], stop_early=True)[self.student_layer]
+        return self.projector(_pool(feature_map(feature, self.rank), self.size))
+
+    def classify(self, projected: torch.Tensor) -> torch.Tensor:
+        """Logits of the teacher's tail on a projected feature (tokens go back to (B, T, W) first)."""
+        return self.tail(projected.transpose(1, 2) if self.rank == 1 else projected)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Student -> projector -> teacher tail."""
+        return self.classify(self.project(x))
+
+
+def simkd_student(teacher: nn.Module, student: nn.Module, student_layer: int, teacher_layer: int, image_size: int,
+                  seed: int = 0) -> SimKDStudent:
+    """Wrap a student for SimKD: a seeded 3-layer projector and a trainable copy of the teacher's tail."""
+    from kdutils.layers import model_tail
+    device = next(teacher.parameters()).device
+    (s_shape,) = _feature_shapes(student.to(device), [student_layer], image_size, device)
+    (t_shape,) = _feature_shapes(teacher, [teacher_layer], image_size, device)
+    rank, cs, ct, size = _alignment(s_shape, t_shape)     # a smaller student map stays small: the tail pools
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = three_layer_projector(cs, ct, rank)
+    return SimKDStudent(student, student_layer, projector, model_tail(teacher, teacher_layer), rank, size)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,7 +423,8 @@ def _cache_budget_mb(device: torch.device, budget_mb: float | None) -> float:
 
 def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_shapes: Sequence[Shape],
                  t_shapes: Sequence[Shape], want: dict[str, tuple], store: torch.device, device: torch.device,
-                 batch_size: int, progress: bool) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+                 batch_size: int, progress: bool, kind: str = "aligned"
+                 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     """One pass of the teacher over the un-augmented train split: fp16 pooled features and/or fp32 logits."""
     n = data.num_train
     pin = store.type == "cpu" and device.type == "cuda"
@@ -246,7 +441,7 @@ def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_sha
                                              "logits" in want)
         idx = idx.to(store)
         if "features" in want:
-            targets = teacher_targets([feats[i] for i in layers], s_shapes, t_shapes)
+            targets = teacher_targets([feats[i] for i in layers], s_shapes, t_shapes, kind)
             for buf, t in zip(out["features"], targets):
                 buf[idx] = t.to(store, torch.float16)
         if "logits" in want:
@@ -257,16 +452,21 @@ def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_sha
 TeacherLookup = Callable[[torch.Tensor, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
 
 
-def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: _Spec, t_layers: Sequence[int],
+def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: Method, t_layers: Sequence[int],
                     s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], *, fingerprint: str, augment: bool,
                     cache: dict, cache_budget_mb: float | None, device: torch.device, batch_size: int,
                     progress: bool) -> TeacherLookup:
     """A function (xb, idx) -> (teacher targets, teacher logits) reading the cache, or running the teacher."""
+    kind = {"sp": "normalized", "semckd": "raw"}.get(spec.feature, "aligned")
     layers = list(t_layers) if spec.features else []
+    if kind == "raw":                     # each teacher layer once, as it is
+        unique = list(dict.fromkeys(layers))
+        t_shapes = [t_shapes[layers.index(i)] for i in unique]
+        layers = unique
     targets_shapes = []
     for s, t in zip(s_shapes, t_shapes):
         _, _, ct, size = _alignment(s, t)
-        targets_shapes.append((ct, *size))
+        targets_shapes.append({"normalized": (math.prod(t),), "raw": tuple(t)}.get(kind, (ct, *size)))
     what = " and ".join(w for w, on in (("features", spec.features), ("logits", spec.kl)) if on)
 
     def on_the_fly(reason: str) -> TeacherLookup:
@@ -274,7 +474,7 @@ def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: _Spec, t_layers: Se
 
         def lookup(xb: torch.Tensor, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
             feats, logits = _teacher_forward(teacher, xb, layers, spec.kl)
-            return teacher_targets([feats[i] for i in layers], s_shapes, t_shapes), logits
+            return teacher_targets([feats[i] for i in layers], s_shapes, t_shapes, kind), logits
         return lookup
 
     if augment:
@@ -282,7 +482,7 @@ def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: _Spec, t_layers: Se
     base = (fingerprint, data.name, data.num_train, _data_digest(data))
     keys = {}
     if spec.features:
-        keys["features"] = (*base, tuple(layers), tuple(targets_shapes))
+        keys["features"] = (*base, tuple(layers), tuple(targets_shapes), kind)
     if spec.kl:
         keys["logits"] = (*base, "logits")
     missing = {k: (targets_shapes if k == "features" else ()) for k, key in keys.items() if key not in cache}
@@ -299,7 +499,7 @@ def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: _Spec, t_layers: Se
             store = torch.device("cpu")     # pinned host memory, copied per batch
         t0 = time.perf_counter()
         built = _build_cache(teacher, data.to(device), layers, s_shapes, t_shapes, missing, store, device,
-                             batch_size, progress)
+                             batch_size, progress, kind)
         seconds = time.perf_counter() - t0
         for k, tensors in built.items():
             size = (sum(t.numel() * t.element_size() for t in tensors) if isinstance(tensors, list)
@@ -324,7 +524,7 @@ def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: _Spec, t_layers: Se
 # ----------------------------------------------------------------------------------------------------------------
 # the entry point
 
-def _resolve_layers(method: str, spec: _Spec, teacher: nn.Module, data: Dataset, teacher_layers, student_layers,
+def _resolve_layers(method: str, spec: Method, teacher: nn.Module, data: Dataset, teacher_layers, student_layers,
                     teacher_name: str | None, student_name: str | None, cache: dict, device: torch.device | str | None,
                     progress: bool) -> tuple[list[int], list[int]]:
     """Student layers (standard by default) and teacher layers (KQ top-k or standard, by method)."""
@@ -347,13 +547,14 @@ def _resolve_layers(method: str, spec: _Spec, teacher: nn.Module, data: Dataset,
                              f"teacher_layers={list(teacher_layers)}. Use feature_kd / feature_kd_ce for other layers.")
         teacher_layers = standard
     elif teacher_layers is None:
-        from kdutils.kq import layer_qualities, select_layers
-        key = ("kq", state_fingerprint(teacher), data.name, data.num_train, _data_digest(data), len(student_layers))
+        from kdutils.kq import kq_per_class, layer_qualities, select_layers
+        key = ("kq", state_fingerprint(teacher), data.name, data.num_train, _data_digest(data))
         if key not in cache:
-            table = layer_qualities(teacher, data, probe=False, cache_dir=None, device=device, progress=progress)
-            cache[key] = select_layers(table, k=len(student_layers), by="quality")
-        teacher_layers = cache[key]
-        print(f"teacher layers by knowledge quality (top {len(student_layers)}): {teacher_layers}", flush=True)
+            per_class = kq_per_class(data.name, teacher_name or "")
+            cache[key] = layer_qualities(teacher, data, per_class=per_class, probe=False, cache_dir=None,
+                                         device=device, progress=progress)
+        teacher_layers = select_layers(cache[key], k=len(student_layers), by=spec.layers)
+        print(f"teacher layers by {spec.layers} (top {len(student_layers)}): {teacher_layers}", flush=True)
     pairs = pair_layers(student_layers, teacher_layers)
     return [s for s, _ in pairs], [t for _, t in pairs]
 
@@ -361,61 +562,82 @@ def _resolve_layers(method: str, spec: _Spec, teacher: nn.Module, data: Dataset,
 @contextlib.contextmanager
 def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: str, *,
                  teacher_layers: Sequence[int] = (), student_layers: Sequence[int] = (), seed: int = 0,
-                 temperature: float = 4.0, augment: bool = False, cache: dict | None = None,
+                 temperature: float | None = None, augment: bool = False, cache: dict | None = None,
                  cache_budget_mb: float | None = None, device: torch.device | str | None = None,
                  batch_size: int = 128, record: dict | None = None, progress: bool = True
                  ) -> Iterator[tuple[LossFn, nn.ModuleList | None]]:
     """Set up a method's loss for `fit`: yields (loss_fn, projectors) with the student's layers tapped.
 
     Layers must already be resolved (see :func:`distill`). `record`, if given, receives the last batch's loss terms
-    ("ce", "feature", "kl"; undetached) so a test can back-propagate one term alone.
+    ("ce", "feature", "kl"; undetached) so a test can back-propagate one term alone. `temperature` None means the
+    method's own (REGISTRY).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    spec = _SPECS[method]
+    spec = REGISTRY[method]
+    temperature = spec.temperature if temperature is None else temperature
     if student is teacher:
         raise ValueError("the student is the teacher: pass a separate student model.")
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
         raise ValueError("the teacher must be frozen: call teacher.eval().requires_grad_(False) first "
                          "(distill does this for you).")
     check_class_counts(teacher, student, data)
+    simkd = spec.feature == "simkd"
+    if simkd != isinstance(student, SimKDStudent):
+        raise ValueError("simkd trains a student wrapped with simkd_student (distill does this); other methods take "
+                         "a plain student.")
+    inner = student.student if simkd else student        # the network whose generalized layers are distilled
     device = torch.device(device) if device is not None else default_device()
-    pairs = pair_layers(student_layers, teacher_layers) if spec.features else []
-    s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
+    s_layers, t_layers = expand_pairs(method, student_layers, teacher_layers) if spec.features else ([], [])
     projectors = None
     lookup: TeacherLookup | None = None
     cache = {} if cache is None else cache
     if spec.features or spec.kl:
         prepare_model(teacher, device)
         fingerprint = state_fingerprint(teacher)
-        s_shapes = _feature_shapes(prepare_model(student, device), s_layers, data.image_size, device)
+        prepare_model(student, device)
+        s_shapes = _feature_shapes(inner, s_layers, data.image_size, device)
         shapes_key = ("shapes", fingerprint, tuple(t_layers), data.image_size)
         if shapes_key not in cache:        # so a cached run never runs the teacher, not even to probe shapes
             cache[shapes_key] = _feature_shapes(teacher, t_layers, data.image_size, device)
         t_shapes = cache[shapes_key]
-        if spec.features:
+        if spec.features and not simkd:                  # SimKD's projector lives in its SimKDStudent
             with torch.random.fork_rng(devices=[]):      # deterministic projectors, global RNG untouched
                 torch.manual_seed(seed)
-                projectors = make_projectors(s_shapes, t_shapes).to(device)
+                if spec.feature == "semckd":
+                    projectors = semckd_modules(s_shapes, t_shapes, len(set(s_layers)), len(set(t_layers)),
+                                                min(batch_size, data.num_train))
+                else:
+                    projectors = make_projectors(s_shapes, t_shapes) if spec.feature != "sp" else nn.ModuleList()
+                projectors = projectors.to(device)
         lookup = _teacher_lookup(teacher, data, spec, t_layers, s_shapes, t_shapes, fingerprint=fingerprint,
                                  augment=augment, cache=cache, cache_budget_mb=cache_budget_mb, device=device,
                                  batch_size=max(batch_size, 256), progress=progress)
 
     with contextlib.ExitStack() as stack:
         feats: dict[int, torch.Tensor] = {}
-        if spec.features:
-            feats = stack.enter_context(tap(student, s_layers, detach_at=None if spec.ce_backbone else s_layers[-1]))
+        if spec.features and not simkd:
+            feats = stack.enter_context(tap(student, s_layers, detach_at=None if spec.ce_backbone else max(s_layers)))
 
         def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-            logits = model(xb)
+            projected = model.project(xb) if simkd else None
+            logits = model.classify(projected) if simkd else model(xb)
             terms = {"ce": F.cross_entropy(logits.float(), yb)}
             if lookup is not None:
                 targets, teacher_logits = lookup(xb, idx)
-                if spec.features:
+                if simkd:
+                    with torch.autocast(xb.device.type, enabled=False):
+                        terms["feature"] = F.mse_loss(projected.float(), targets[0].float())
+                elif spec.feature == "sp":
+                    terms["feature"] = similarity_loss([feats[i] for i in s_layers], targets)
+                elif spec.feature == "semckd":
+                    terms["feature"] = semckd_loss([feats[i] for i in dict.fromkeys(s_layers)], targets, s_shapes,
+                                                   t_shapes, projectors)
+                elif spec.features:
                     terms["feature"] = feature_loss([feats[i] for i in s_layers], targets, projectors)
                 if spec.kl:
-                    terms["kl"] = kd_loss(logits, teacher_logits, temperature)
+                    terms["kl"] = kd_loss(logits, teacher_logits, temperature, spec.standardize)
             if record is not None:
                 record.clear()
                 record.update(terms)
@@ -427,10 +649,11 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
 def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, method: str, *,
             teacher_layers: Sequence[int] | None = None, student_layers: Sequence[int] | None = None,
             epochs: int, lr: float, seed: int = 0, batch_size: int = 128, weight_decay: float = 0.01,
-            augment: bool = False, temperature: float = 4.0, teacher_name: str | None = None,
+            augment: bool = False, temperature: float | None = None, teacher_name: str | None = None,
             student_name: str | None = None, cache: dict | None = None, cache_budget_mb: float | None = None,
             checkpoint: str | Path | None = None, device: torch.device | str | None = None,
-            progress: bool = True, amp: bool = True, compile_model: bool = False) -> list[dict]:
+            progress: bool = True, amp: bool = True, compile_model: bool = False,
+            schedule: str = "onecycle") -> list[dict]:
     """Train a student with one of METHODS from a frozen teacher; return fit's per-epoch history.
 
     `student` given by name is built after seed_everything(seed), so every method starts from the same weights.
@@ -438,12 +661,13 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
     fitnets_kd); student layers to the student's standard ones. Pass one `cache` dict to reuse teacher features and
     logits across methods and seeds. The teacher is moved to the training device and put in eval mode and frozen
     while training; its mode and requires_grad flags are restored afterwards. An existing `checkpoint` of the same run
-    is resumed (or, if finished, returned without running the teacher). `amp` and `compile_model` are fit's; a run
+    is resumed (or, if finished, returned without running the teacher). `amp`, `compile_model` and `schedule`
+    ("onecycle", or "long" for the +240E baselines' SGD recipe) are fit's; a run
     that diverges stops with kdutils.train.TrainingDiverged (lower `lr`, the pipeline's student_lr).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    spec = _SPECS[method]
+    spec = REGISTRY[method]
     if student is teacher:
         raise ValueError("the student is the teacher: pass a separate student model (or its name).")
     if isinstance(student, str):
@@ -463,23 +687,29 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
     try:
         fingerprint = state_fingerprint(teacher) if (spec.features or spec.kl) else None
         saved = _checkpoint_meta(checkpoint)
-        if saved is not None and spec.layers == "kq" and teacher_layers is None:   # resume without re-running KQ
+        kq_based = spec.layers not in ("", "standard")
+        if saved is not None and kq_based and teacher_layers is None:   # resume without re-running KQ
             teacher_layers = saved.get("teacher_layers") or None
         s_layers, t_layers = _resolve_layers(method, spec, teacher, dataset, teacher_layers, student_layers,
                                              teacher_name, student_name, cache, device, progress)
+        if spec.feature == "simkd":           # the deepest pair only; the student trains and predicts wrapped
+            s_layers, t_layers = s_layers[-1:], t_layers[-1:]
+            student = simkd_student(teacher, student, s_layers[0], t_layers[0], dataset.image_size, seed)
         meta = {"method": method, "student": student_name, "teacher": teacher_name, "student_layers": s_layers,
-                "teacher_layers": t_layers, "teacher_fingerprint": fingerprint, "temperature": temperature}
+                "teacher_layers": t_layers, "teacher_fingerprint": fingerprint,
+                "temperature": (spec.temperature if temperature is None else temperature) if spec.kl else None}
         if saved is not None:
-            checked = ("method", "student_layers", "teacher_layers", "teacher_fingerprint", "temperature")
+            checked = ("method", "student_layers", "teacher_layers", "teacher_fingerprint",
+                       *(("temperature",) if spec.kl else ()))
             diff = {k: (saved.get(k), meta[k]) for k in checked if saved.get(k) != meta[k]}
             if diff:
                 raise ValueError(f"checkpoint {checkpoint} belongs to another distillation run (saved vs now: {diff}); "
                                  "delete it or choose another path.")
         common = dict(epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
                       augment=augment, checkpoint=checkpoint, meta=meta, device=device, progress=progress,
-                      desc=method, amp=amp, compile_model=compile_model, lr_name="student_lr")
+                      desc=method, amp=amp, compile_model=compile_model, lr_name="student_lr", schedule=schedule)
         if saved is not None and saved.get("epoch", 0) >= epochs:   # finished: no teacher pass needed
-            extra = _projectors_like(checkpoint) if spec.features else None
+            extra = _projectors_like(checkpoint) if spec.feature in ("mse", "mse_all") else None
             return fit(student, dataset, extra=extra, **common)
         with distill_loss(teacher, student, dataset, method, teacher_layers=t_layers, student_layers=s_layers,
                           seed=seed, temperature=temperature, augment=augment, cache=cache,
@@ -516,7 +746,7 @@ def gradient_flow(teacher: nn.Module, student: nn.Module, data: Dataset, method:
     try:
         with distill_loss(teacher, student, data, method, teacher_layers=teacher_layers,
                           student_layers=student_layers, seed=seed, record=terms, device=_device_of(student),
-                          progress=False) as (loss_fn, _):
+                          batch_size=batch_size, progress=False) as (loss_fn, _):
             xb, yb, idx = next(batches(data.x_train, data.y_train, batch_size, mean=data.mean, std=data.std,
                                        with_index=True))
             device = _device_of(student)
@@ -532,7 +762,8 @@ def gradient_flow(teacher: nn.Module, student: nn.Module, data: Dataset, method:
         for p, flag in zip(teacher.parameters(), flags):
             p.requires_grad_(flag)
     flow = pd.DataFrame(grads)
-    _, head = split_at_layer(student, max(student_layers)) if _SPECS[method].features else ([], [])
+    cut = REGISTRY[method].features and not isinstance(student, SimKDStudent)
+    _, head = split_at_layer(student, max(student_layers)) if cut else ([], [])
     flow["part"] = ["head" if n in set(head) else "backbone" for n in flow.index]
     classifier = {id(p) for p in head_parameters(student)}
     flow["classifier"] = [id(p) in classifier for _, p in student.named_parameters()]
@@ -544,16 +775,19 @@ def _device_of(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def layer_arguments(method: str, kq_layers: Sequence[int], student_layers: Sequence[int]) -> dict:
-    """distill's teacher_layers/student_layers arguments for a method, from notebook 3's selection (kq_layers.json)."""
+def layer_arguments(method: str, selection: dict) -> dict:
+    """distill's teacher_layers/student_layers arguments for a method, from notebook 3's kq_layers.json: the student
+    layers it chose, and for KQ-based methods the teacher layers selected by the method's score."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
-    spec = _SPECS[method]
+    spec = REGISTRY[method]
     if not spec.features:
         return {}
-    if spec.layers == "kq":
-        return {"teacher_layers": list(kq_layers), "student_layers": list(student_layers)}
-    return {"student_layers": list(student_layers)}
+    out = {"student_layers": list(selection["student_layers"])}
+    if spec.layers != "standard":
+        out["teacher_layers"] = list(selection["kq_layers"] if spec.layers == "quality"
+                                     else selection["ablations"][spec.layers])
+    return out
 
 
 def _output_classes(model: nn.Module) -> int | None:

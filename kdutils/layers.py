@@ -126,6 +126,48 @@ def split_at_layer(model: nn.Module, index: int) -> tuple[list[str], list[str]]:
     return backbone, head
 
 
+class TokenMean(nn.Module):
+    """Average over the token dimension: (B, T, W) -> (B, W), as kdutils' ViTs do before their head."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over dim 1."""
+        return x.mean(dim=1)
+
+
+def model_tail(model: nn.Module, index: int) -> nn.Sequential:
+    """A trainable deep copy of a model from generalized layer `index` (that layer included) to its logits.
+
+    Its input has the shape of that layer's *output*: the layer is applied again (SimKD as the paper uses it, METHOD.md
+    9.7). Supported where `index` is a residual block of a ResNet, a conv-BN-ReLU unit of a VGG, or an encoder block
+    of a ViT (the teachers' standard layers all are).
+    """
+    import copy
+    from torchvision.models import VGG, ResNet
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    layer = generalized_layers(model)[_check_indices(model, generalized_layers(model), [index])[0]]
+    model = copy.deepcopy(model).train().requires_grad_(True)
+    modules = dict(model.named_modules())
+    if isinstance(model, ResNet) and layer.kind == "block":
+        stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+        blocks = [b for stage in stages for b in stage]
+        start = blocks.index(modules[layer.path])
+        if blocks[start].downsample is not None:
+            raise ValueError(f"{layer.path} changes the feature shape (a down-sampling block), so it cannot be "
+                             f"re-applied to its own output: cut the tail at a block without down-sampling.")
+        return nn.Sequential(*blocks[start:], model.avgpool, model.fc)
+    if isinstance(model, VGG) and layer.path.startswith("features."):
+        k = int(layer.path.split(".")[1])
+        conv = max(j for j in range(k + 1) if isinstance(model.features[j], nn.Conv2d))
+        return nn.Sequential(*model.features[conv:], model.avgpool, model.classifier)
+    if isinstance(model, VisionTransformer) and layer.kind == "block":
+        blocks = list(model.encoder.layers)
+        start = blocks.index(modules[layer.path])
+        return nn.Sequential(*blocks[start:], model.encoder.ln, TokenMean(), model.heads)
+    raise ValueError(f"cannot cut {type(model).__name__} at generalized layer {index} ({layer.kind} {layer.path}): "
+                     f"a tail starts at a ResNet block, a VGG conv unit or a ViT encoder block.")
+
+
 @contextmanager
 def tap(model: nn.Module, indices: Iterable[int], *, detach_at: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Record the requested generalized layers on every forward pass (and optionally detach one of them).

@@ -67,8 +67,9 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The classifier's parameters (ResNet `fc`, VGG/MobileNetV2 `classifier`, ViT `heads`): all after the pooling."""
-    for attr in ("fc", "classifier", "heads"):
+    """The classifier's parameters (ResNet `fc`, VGG/MobileNetV2 `classifier`, ViT `heads`): all after the pooling;
+    for SimKD's wrapped student, the teacher tail that classifies."""
+    for attr in ("fc", "classifier", "heads", "tail"):
         head = getattr(model, attr, None)
         if isinstance(head, nn.Module):
             return list(head.parameters())

@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from kdutils.distill import METHODS  # method name -> one-line description
+from kdutils.distill import METHODS, REGISTRY  # method name -> one-line description / full entry
 from kdutils.kq import kq_per_class
 from kdutils.layers import generalized_layer_count, standard_layers
 from kdutils.models import MODELS, has_imagenet_weights
-from kdutils.train import default_device, library_versions
+from kdutils.train import SCHEDULES, default_device, library_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -65,6 +65,12 @@ PAIRS = {
     "resnet18_narrow-resnet10_narrow": {"teacher": "resnet18_narrow", "student": "resnet10_narrow"},
 }
 
+# Peak LR of the "+240E" long schedule (SGD, METHOD.md section 6): 0.05 for ResNet-9/MobileNetV2, 0.01 for VGG-11 and
+# ViT-ET; the CPU-scale student follows the ResNets.
+LONG_LR = {"resnet9": 0.05, "mobilenet_v2": 0.05, "vgg11_bn": 0.01, "vit_et": 0.01, "resnet10_narrow": 0.05,
+           "resnet34": 0.05, "resnet18_narrow": 0.05, "vgg19_bn": 0.01, "vit_b": 0.01}
+LONG_WEIGHT_DECAY = 5e-4
+
 IMAGE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 
 PARAMETERS = {
@@ -80,6 +86,9 @@ PARAMETERS = {
     "teacher_lr": "teacher peak LR (AdamW + OneCycle)",
     "backbone_lr_scale": "pretrained teacher only: its backbone's peak LR is this x teacher_lr (the paper: 0.01)",
     "student_lr": "student peak LR, the same for every method",
+    "schedule": "student schedule: onecycle (AdamW + OneCycle, the paper's) or long (the +240E baselines: SGD "
+                "momentum 0.9, weight decay 5e-4, x0.1 at epochs 150/180/210 of 240; sets student_epochs 240 and "
+                "student_lr 0.05 / 0.01 unless given)",
     "weight_decay": "AdamW weight decay",
     "batch_size": "minibatch size",
     "augment": "random crop + horizontal flip (the paper's main runs use none)",
@@ -93,7 +102,13 @@ PARAMETERS = {
 }
 
 _CPU_PAIR = "resnet18_narrow-resnet10_narrow"
-_CPU_METHODS = ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers"]
+# CPU presets: small, but enough to separate the two effects: layer choice (feature_kd vs standard_layers) and CE in
+# the backbone (standard_layers vs fitnets_kd_nokl, feature_kd vs feature_kd_ce).
+_CPU_METHODS = ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers", "fitnets_kd_nokl"]
+# The paper's main comparison (its result figure): Ours against Van. KD, Van. KD Std., Base FKD, Base FKD+FC, Sim.
+# Pres., SimKD, SemCKD and the CE student.
+_PAPER_METHODS = ["ce", "feature_kd", "hinton_kd", "hinton_kd_std", "fitnets_kd", "fitnets_fc_kd", "sp_kd", "simkd",
+                  "semckd"]
 
 
 def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int], pretrained: bool,
@@ -104,6 +119,7 @@ def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int
             "teacher": teacher, "student": student, "pretrained": pretrained,
             "teacher_epochs": epochs[0], "student_epochs": epochs[1],
             "teacher_lr": PEAK_LR[teacher], "backbone_lr_scale": 0.01, "student_lr": PEAK_LR[student],
+            "schedule": "onecycle",
             "weight_decay": 0.01, "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods,
             "kq_samples": 5000, "kq_per_class": kq_per_class(dataset, teacher), "k": 4}
 
@@ -114,11 +130,11 @@ PRESETS = {
     "cifar10-cpu": _preset("cifar10", _CPU_PAIR, epochs=(10, 10), seeds=[0, 1, 2], pretrained=False,
                            methods=_CPU_METHODS, per_class=500),
     "cifar10": _preset("cifar10", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                       methods=[*_CPU_METHODS, "fitnets_kd"]),
+                       methods=_PAPER_METHODS),
     "cifar100": _preset("cifar100", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                        methods=[*_CPU_METHODS, "fitnets_kd"]),
+                        methods=_PAPER_METHODS),
     "tinyimagenet": _preset("tinyimagenet", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                            methods=[*_CPU_METHODS, "fitnets_kd"], image_size=64),
+                            methods=_PAPER_METHODS, image_size=64),
 }
 
 PRESET_NOTES = {
@@ -131,9 +147,6 @@ PRESET_NOTES = {
     "tinyimagenet": "the paper's setting on Tiny ImageNet (64x64, 200 classes); GPU",
 }
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# configuration
 
 def preset_name(preset: str = "auto") -> str:
     """The concrete preset for a name: 'auto' is cifar10 when CUDA is available, else quick."""
@@ -187,12 +200,19 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
     for role in ("teacher", "student"):
         if config[role] not in MODELS:
             raise ValueError(f"unknown {role} model {config[role]!r}; choose one of: {', '.join(MODELS)}.")
+    if "schedule" in overrides:
+        if overrides["schedule"] not in SCHEDULES:
+            raise ValueError(f"unknown schedule {overrides['schedule']!r}; choose one of: {', '.join(SCHEDULES)}.")
+        if overrides["schedule"] == "long" and "student_epochs" not in overrides:
+            config["student_epochs"] = 240
     for role in ("teacher", "student"):
         if f"{role}_lr" not in overrides and {"pair", role} & set(overrides):
             if config[role] not in PEAK_LR:
                 raise ValueError(f"no default peak LR for {role} {config[role]!r} (known: {', '.join(PEAK_LR)}); "
                                  f"pass {role}_lr explicitly.")
             config[f"{role}_lr"] = PEAK_LR[config[role]]
+    if overrides.get("schedule") == "long" and "student_lr" not in overrides:
+        config["student_lr"] = LONG_LR[config["student"]]
     if "dataset" in overrides and "image_size" not in overrides:
         config["image_size"] = IMAGE_SIZES.get(overrides["dataset"], config["image_size"])
     if "kq_per_class" not in overrides and {"dataset", "pair", "teacher"} & set(overrides):
@@ -227,6 +247,14 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
     return {"preset": name, **config}
 
 
+def student_recipe(config: dict) -> dict:
+    """distill's epochs, lr, weight_decay and schedule for the students of a config (the long schedule brings its
+    own weight decay, 5e-4)."""
+    long = config["schedule"] == "long"
+    return {"epochs": config["student_epochs"], "lr": config["student_lr"], "schedule": config["schedule"],
+            "weight_decay": LONG_WEIGHT_DECAY if long else config["weight_decay"]}
+
+
 def config_overrides(namespace: Mapping[str, Any]) -> dict:
     """The preset keys set (not None) in a notebook's namespace, e.g. `config_overrides(globals())`."""
     return {key: namespace[key] for key in PARAMETERS if namespace.get(key) is not None}
@@ -240,6 +268,13 @@ def _project_base() -> Path:
 def default_run_dir(preset: str) -> Path:
     """Where a preset's artifacts go when no run_dir is given: runs/<preset> in the project folder."""
     return _project_base() / "runs" / preset
+
+
+def shown_path(path: str | Path) -> str:
+    """A path as notebooks print it: relative to the project folder when inside it (no machine paths in outputs)."""
+    path = Path(path).resolve()
+    base = _project_base().resolve()
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
 
 
 def default_data_root() -> Path:
@@ -264,8 +299,8 @@ def describe_presets() -> str:
     lines.append("Pairs (-p pair NAME sets teacher, student and their peak LRs):")
     lines += [f"  {p}: {m['teacher']} (lr {PEAK_LR[m['teacher']]}) -> {m['student']} (lr {PEAK_LR[m['student']]})"
               for p, m in PAIRS.items()]
-    lines.append("Methods:")
-    lines += [f"  {m}: {d}" for m, d in METHODS.items()]
+    lines.append("Methods (name, the paper's display name: what it trains):")
+    lines += [f"  {m} ({spec.label}): {spec.summary}" for m, spec in REGISTRY.items()]
     lines.append("Parameters (-p KEY VALUE overrides any preset key; VALUE is parsed like papermill's -p, "
                  "plus lists like [0,1,2]):")
     lines += [f"  {k}: {d}" for k, d in PARAMETERS.items()]
@@ -394,12 +429,16 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
         final_mean, final_std = _mean_std(final)
         best_mean, best_std = _mean_std(best)
         methods[method] = {
+            "label": REGISTRY[method].label if method in REGISTRY else method,
+            **({"note": "evaluated as student + projector + the teacher's trainable tail"}
+               if method in REGISTRY and REGISTRY[method].feature == "simkd" else {}),
             "final_acc_mean": final_mean, "final_acc_std": final_std,
             "best_acc_mean": best_mean, "best_acc_std": best_std,
             "seeds": len(histories),
             "seconds": _mean_std([sum(row["seconds"] for row in h) for h in histories])[0],
             "final_acc": final, "best_acc": best,
             "epochs": [row["epoch"] for row in histories[0]],
+            "params": histories[0][-1].get("params"),
             "curve": [_mean_std([h[i]["test_acc"] for h in histories])[0] for i in range(len(histories[0]))],
         }
     target = methods["ce"]["final_acc_mean"] if "ce" in methods else None
@@ -415,7 +454,7 @@ def results_markdown(results: dict) -> str:
     """A Markdown table of summarize_runs output: accuracies in percent, gain over CE in points, teacher line."""
     methods = results["methods"]
     ce = methods.get("ce", {}).get("final_acc_mean")
-    pct = lambda m, s: f"{100 * m:.2f} ± {100 * s:.2f}"  # noqa: E731
+    pct = lambda m, s, n: f"{100 * m:.2f} ± {100 * s:.2f}" if n > 1 else f"{100 * m:.2f} (1 seed)"  # noqa: E731
     teacher = results["teacher"]
     origin = ("" if "pretrained" not in teacher else " (ImageNet-pretrained, fine-tuned)" if teacher["pretrained"]
               else " (trained from scratch: the ImageNet weights it asked for were unavailable)"
@@ -423,18 +462,73 @@ def results_markdown(results: dict) -> str:
     lines = [f"Preset `{results['preset']}`, dataset `{results['dataset']}`. Teacher `{teacher['model']}`{origin}: "
              f"{100 * teacher['test_acc']:.2f}% test accuracy.",
              "",
-             "Test accuracy in %, mean ± sample std over seeds; final = last epoch (headline), best = best epoch "
-             "(the paper's protocol). Gain over ce uses final accuracy, in points.",
+             "Test accuracy in %, mean ± sample std over seeds (no spread with one seed); final = last epoch "
+             "(headline), best = best epoch (the paper's protocol). Gain over ce uses final accuracy, in points.",
              "",
-             "| method | final acc (%) | best acc (%) | gain over ce | epoch reaching ce final | seeds | seconds/run |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | paper's name | final acc (%) | best acc (%) | gain over ce | epoch reaching ce final | seeds "
+             "| parameters at test | seconds/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         gain = "" if ce is None or name == "ce" else f"{100 * (m['final_acc_mean'] - ce):+.2f}"
         reach = m.get("epochs_to_ce_final")
-        lines.append(f"| {name} | {pct(m['final_acc_mean'], m['final_acc_std'])} | "
-                     f"{pct(m['best_acc_mean'], m['best_acc_std'])} | {gain} | {'never' if reach is None else reach} | "
-                     f"{m['seeds']} | {m['seconds']:.1f} |")
+        label = m.get("label") or (REGISTRY[name].label if name in REGISTRY else name)
+        lines.append(f"| {name} | {label} | {pct(m['final_acc_mean'], m['final_acc_std'], m['seeds'])} | "
+                     f"{pct(m['best_acc_mean'], m['best_acc_std'], m['seeds'])} | {gain} | "
+                     f"{'never' if reach is None else reach} | {m['seeds']} | "
+                     f"{'' if m.get('params') is None else format(m['params'], ',')}{' *' if m.get('note') else ''} | "
+                     f"{m['seconds']:.1f} |")
+    notes = {m["note"] for m in methods.values() if m.get("note")}
+    if notes:
+        lines += ["", *(f"\\* {note}." for note in sorted(notes))]
     return "\n".join(lines) + "\n"
+
+
+# The two effects the CPU study separates: which teacher layers (both CE-free), and CE in the backbone (same layers).
+EFFECTS = (("feature_kd", "standard_layers", "layer choice: KQ layers instead of the standard ones (both CE-free)"),
+           ("standard_layers", "fitnets_kd_nokl", "removing CE from the backbone, standard layers"),
+           ("feature_kd", "feature_kd_ce", "removing CE from the backbone, KQ layers"))
+
+
+def difference(results: dict, a: str, b: str) -> dict:
+    """Final-accuracy difference a - b (points), the seed spread it is judged against, and a verdict.
+
+    The spread is the larger of the two methods' sample stds; with fewer than 2 seeds on either side there is no
+    spread and the verdict says so instead of judging.
+    """
+    ma, mb = results["methods"][a], results["methods"][b]
+    diff = 100 * (ma["final_acc_mean"] - mb["final_acc_mean"])
+    if min(ma["seeds"], mb["seeds"]) < 2:
+        return {"points": diff, "spread": None, "verdict": "one seed: no spread to judge it against"}
+    spread = 100 * max(ma["final_acc_std"], mb["final_acc_std"])
+    verdict = ("within the seed spread" if abs(diff) <= spread else
+               f"above {b} by more than the seed spread" if diff > 0 else f"below {b} by more than the seed spread")
+    return {"points": diff, "spread": spread, "verdict": verdict}
+
+
+def verdicts(results: dict, baseline: str = "ce") -> list[str]:
+    """The sentences notebook 5 prints about a run: ranking, teacher vs student, each method against `baseline`
+    with its seed spread, and the layer-choice and CE-removal effects where their methods ran."""
+    m, teacher = results["methods"], results["teacher"]
+    order = sorted(m, key=lambda k: -m[k]["final_acc_mean"])
+    seeds = min(row["seeds"] for row in m.values())
+    lines = [f"Teacher {teacher['model']}: {teacher['test_acc']:.2%}. Ranking by final-epoch accuracy "
+             f"({seeds} seed{'s' if seeds > 1 else ''}): " + ", ".join(f"{k} {m[k]['final_acc_mean']:.2%}"
+                                                                        for k in order)]
+    if baseline in m and teacher["test_acc"] <= m[baseline]["final_acc_mean"]:
+        lines.append(f"The teacher ({teacher['test_acc']:.2%}) is not better than the {baseline} student "
+                     f"({m[baseline]['final_acc_mean']:.2%}): it has nothing to teach that the labels do not, so no "
+                     f"distillation method can be expected to help in this run.")
+    for k in order:
+        if k != baseline and baseline in m:
+            d = difference(results, k, baseline)
+            spread = "" if d["spread"] is None else f", spread {d['spread']:.2f}"
+            lines.append(f"- {k}: {d['points']:+.2f} points vs {baseline} ({d['verdict']}{spread})")
+    for a, b, what in EFFECTS:
+        if a in m and b in m:
+            d = difference(results, a, b)
+            spread = "" if d["spread"] is None else f"; seed spread {d['spread']:.2f}"
+            lines.append(f"Effect of {what}: {a} - {b} = {d['points']:+.2f} points ({d['verdict']}{spread}).")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ def seed_everything(seed: int) -> None:
 
 # OneCycle warm-up share of the steps (the paper's schedule, METHOD.md section 5).
 ONE_CYCLE_PCT_START = 0.3
+# The "+240E" baselines' long schedule (METHOD.md section 6): SGD with momentum 0.9, LR x0.1 at these epochs of 240.
+LONG_SCHEDULE_MILESTONES = (150, 180, 210)
+LONG_SCHEDULE_EPOCHS = 240
+SCHEDULES = ("onecycle", "long")
 # A run has diverged when a step's loss is not finite or exceeds this many times max(1, its first step's loss).
 DIVERGENCE_FACTOR = 100.0
 # On CUDA the divergence flag is read back every this many steps (and at the end of each epoch), not every step.
@@ -196,7 +200,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         extra: nn.Module | None = None, checkpoint: str | Path | None = None, meta: dict | None = None,
         device: torch.device | str | None = None, progress: bool = True, desc: str = "train",
         backbone_lr_scale: float = 1.0, amp: bool = True, compile_model: bool = False,
-        lr_name: str = "lr") -> list[dict]:
+        lr_name: str = "lr", schedule: str = "onecycle") -> list[dict]:
     """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history.
 
     `backbone_lr_scale` < 1 gives everything but the classifier (models.head_parameters) that fraction of the peak
@@ -205,12 +209,15 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     back to eager mode with a message if compilation fails. A run whose loss turns non-finite or exceeds
     DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch, the step and the
     learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so no diverged state
-    is ever saved.
+    is ever saved. `schedule="long"` is the "+240E" baselines' recipe instead: SGD (momentum 0.9) at `lr`, x0.1 at
+    epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if not 0 < backbone_lr_scale <= 1:
         raise ValueError(f"backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     device = torch.device(device) if device is not None else default_device()
     loss_fn = loss_fn or cross_entropy_loss
     model = prepare_model(model, device)
@@ -227,15 +234,24 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         in_head = {id(p) for p in head}
         backbone = [p for p in model.parameters() if id(p) not in in_head]
         groups, peaks = [{"params": backbone}, {"params": head + extra_params}], [lr * backbone_lr_scale, lr]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
-                                                pct_start=ONE_CYCLE_PCT_START)
+    if schedule == "long":
+        for group, peak in zip(groups, peaks):
+            group["lr"] = peak
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        milestones = [steps * max(1, round(m * epochs / LONG_SCHEDULE_EPOCHS)) for m in LONG_SCHEDULE_MILESTONES]
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)   # stepped per batch
+    else:
+        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
+                                                    pct_start=ONE_CYCLE_PCT_START)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
     config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
               "augment": augment, "num_train": data.num_train, "dataset": data.name,
               "model": model_name(model), "num_classes": data.num_classes}
     if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
         config["backbone_lr_scale"] = backbone_lr_scale
+    if schedule != "onecycle":
+        config["schedule"] = schedule
     meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed}
     history: list[dict] = []
     reference: float | None = None     # max(1, first-step loss): the divergence rule's yardstick
@@ -322,7 +338,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
             raise diverged(epoch, int(first_bad.item()), bad_loss.item())
         test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
         row = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-               "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0]}
+               "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0],
+               "params": sum(p.numel() for p in model.parameters())}     # of the network that predicts
         history.append(row)
         print(f"{desc} epoch {epoch}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
               f"test acc {test_acc:.4f}  ({row['seconds']:.1f}s)", flush=True)

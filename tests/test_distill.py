@@ -181,7 +181,7 @@ def run_terms(teacher, student, ds, method, t_layers, s_layers, cache=None):
     """Loss terms of one batch through the same loss function distill hands to fit."""
     record = {}
     with distill_loss(teacher, student, ds, method, teacher_layers=t_layers, student_layers=s_layers,
-                      device="cpu", progress=False, record=record, cache=cache) as (loss_fn, proj):
+                      device="cpu", progress=False, record=record, cache=cache, batch_size=8) as (loss_fn, proj):
         xb, yb, idx = one_batch(ds)
         loss, logits = loss_fn(student, xb, yb, idx)
     assert loss.item() == pytest.approx(sum(t.item() for t in record.values()), rel=1e-6)
@@ -226,18 +226,96 @@ def test_feature_kd_ce_lets_ce_into_the_backbone(tiny, teacher, shared_cache):
     assert ce["conv1.weight"] and ce["layer1.0.conv1.weight"] and ce["layer4.0.conv2.weight"] and ce["fc.weight"]
 
 
-def test_loss_terms_per_method(tiny, teacher, shared_cache):
-    expected = {"ce": {"ce"}, "hinton_kd": {"ce", "kl"}, "feature_kd": {"ce", "feature"},
-                "feature_kd_ce": {"ce", "feature"}, "standard_layers": {"ce", "feature"},
-                "fitnets_kd": {"ce", "feature", "kl"}}
-    assert set(expected) == set(METHODS)
-    for method, names in expected.items():
-        uses = method not in ("ce", "hinton_kd")
-        std = standard_layers(SMALL) if method in ("standard_layers", "fitnets_kd") else SMALL_LAYERS
-        terms, proj = run_terms(teacher, build_model(STUDENT, 10), tiny, method, std if uses else [],
+# every method's loss terms, written out (not read back from the registry)
+TERMS = {"ce": {"ce"}, "hinton_kd": {"ce", "kl"}, "hinton_kd_t2": {"ce", "kl"}, "hinton_kd_std": {"ce", "kl"},
+         "feature_kd": {"ce", "feature"}, "feature_kd_ce": {"ce", "feature"},
+         "feature_kd_ll": {"ce", "feature", "kl"}, "standard_layers": {"ce", "feature"},
+         "fitnets_kd": {"ce", "feature", "kl"}, "fitnets_kd_nokl": {"ce", "feature"},
+         "fitnets_fc_kd": {"ce", "feature", "kl"}, "sp_kd": {"ce", "feature", "kl"},
+         "feature_kd_s": {"ce", "feature"}, "feature_kd_i": {"ce", "feature"}, "feature_kd_e": {"ce", "feature"},
+         "feature_kd_sqrt_ie": {"ce", "feature"}, "simkd": {"ce", "feature", "kl"}, "semckd": {"ce", "feature", "kl"}}
+CE_FREE = ["feature_kd", "standard_layers", "feature_kd_s", "feature_kd_i", "feature_kd_e", "feature_kd_sqrt_ie"]
+STANDARD = ["standard_layers", "fitnets_kd", "fitnets_kd_nokl", "fitnets_fc_kd", "sp_kd", "simkd", "semckd"]
+
+
+def test_loss_terms_and_projectors_per_method(tiny, teacher, shared_cache):
+    assert set(TERMS) == set(METHODS)
+    for method, names in TERMS.items():
+        if method == "simkd":              # trains a wrapped student; see test_simkd_predicts_through_the_teacher_tail
+            continue
+        uses = "feature" in names
+        t_layers = standard_layers(SMALL) if method in STANDARD else SMALL_LAYERS
+        terms, proj = run_terms(teacher, build_model(STUDENT, 10), tiny, method, t_layers if uses else [],
                                 standard_layers(STUDENT) if uses else [], shared_cache)
         assert set(terms) == names, method
-        assert (proj is None) == (not uses)
+        n_proj = {"fitnets_fc_kd": 16, "sp_kd": 0, "semckd": 3}.get(method, 4) if uses else None   # semckd: 3 parts
+        assert (proj is None if n_proj is None else len(proj) == n_proj), method
+
+
+@pytest.mark.parametrize("method", CE_FREE)
+def test_every_ce_free_method_keeps_ce_out_of_the_backbone(tiny, teacher, method):
+    from kdutils.distill import gradient_flow
+    seed_everything(0)
+    student = build_model(STUDENT, 10)
+    flow = gradient_flow(teacher, student, tiny, method, student_layers=standard_layers(STUDENT),
+                         teacher_layers=standard_layers(SMALL) if method in STANDARD else SMALL_LAYERS, batch_size=8)
+    backbone = flow["part"] == "backbone"
+    assert backbone.sum() > 10 and (flow.loc[backbone, "|grad| from CE"] == 0).all(), method
+    assert (flow.loc[~backbone, "|grad| from feature MSE"] == 0).all() and (flow.loc[~backbone, "|grad| from CE"] > 0).all()
+
+
+@pytest.mark.parametrize("method", ["feature_kd_ll", "fitnets_kd_nokl", "fitnets_fc_kd", "sp_kd", "hinton_kd_std"])
+def test_logit_methods_send_ce_into_the_backbone(tiny, teacher, method):
+    from kdutils.distill import gradient_flow
+    seed_everything(0)
+    uses = "feature" in TERMS[method]
+    flow = gradient_flow(teacher, build_model(STUDENT, 10), tiny, method,
+                         teacher_layers=(standard_layers(SMALL) if method in STANDARD else SMALL_LAYERS) if uses else (),
+                         student_layers=standard_layers(STUDENT) if uses else (), batch_size=8)
+    assert flow.loc["conv1.weight", "|grad| from CE"] > 0 and flow.loc["layer1.0.conv1.weight", "|grad| from CE"] > 0
+    if "kl" in TERMS[method]:
+        assert flow.loc["conv1.weight", "|grad| from KL"] > 0
+
+
+def test_standardized_kd_loss_hand_computed():
+    from kdutils.distill import kd_loss, standardize_logits
+    zs, zt = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.0, 0.0, 3.0]])
+    # z-scores with Bessel's correction: student (1,2,3): mean 2, std 1; teacher (0,0,3): mean 1, std sqrt(3)
+    ss, st = torch.tensor([-1.0, 0.0, 1.0]), torch.tensor([-1.0, -1.0, 2.0]) / math.sqrt(3.0)
+    assert torch.allclose(standardize_logits(zs)[0], ss, atol=1e-5)
+    assert torch.allclose(standardize_logits(zt)[0], st, atol=1e-5)
+    ps, pt = torch.softmax(ss / 4, 0), torch.softmax(st / 4, 0)
+    kl = float((pt * (pt.log() - ps.log())).sum())
+    assert kd_loss(zs, zt, 4.0, standardize=True).item() == pytest.approx(16 * kl, rel=1e-4)
+    assert kd_loss(zs, zt, 2.0).item() == pytest.approx(4 * float(
+        (torch.softmax(zt[0] / 2, 0) * (torch.log_softmax(zt[0] / 2, 0) - torch.log_softmax(zs[0] / 2, 0))).sum()),
+        rel=1e-5)
+
+
+def test_similarity_loss_hand_computed():
+    from kdutils.distill import similarity_loss, teacher_targets
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])          # normalised: (1, 0), (1, 1)/sqrt(2) -> off-diagonal 1/sqrt(2)
+    t = torch.tensor([[0.0, 2.0], [0.0, 3.0]])          # normalised: both (0, 1) -> every entry 1
+    targets = teacher_targets([t], [(2,)], [(2,)], kind="normalized")
+    want = 2 * (1 - 1 / math.sqrt(2)) ** 2 / 4          # two off-diagonal entries differ, mean over 4
+    assert similarity_loss([s], targets).item() == pytest.approx(want, rel=1e-6)
+    maps = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)   # maps are flattened first
+    assert similarity_loss([maps, maps], teacher_targets([maps, maps], [(3, 2, 2)] * 2, [(3, 2, 2)] * 2,
+                                                         kind="normalized")).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_all_to_all_pairs_average_every_pair():
+    from kdutils.distill import expand_pairs, feature_loss, make_projectors, teacher_targets
+    assert expand_pairs("fitnets_kd", [2, 1], [7, 5]) == ([1, 2], [5, 7])
+    assert expand_pairs("fitnets_fc_kd", [2, 1], [7, 5]) == ([1, 1, 2, 2], [5, 7, 5, 7])
+    torch.manual_seed(0)
+    s_shapes, t_shapes = [(2, 4, 4), (2, 4, 4), (3, 2, 2), (3, 2, 2)], [(4, 2, 2), (5, 1, 1)] * 2
+    student = [torch.randn(2, *sh) for sh in s_shapes]
+    teacher = [torch.randn(2, *sh) for sh in t_shapes]
+    proj = make_projectors(s_shapes, t_shapes)
+    targets = teacher_targets(teacher, s_shapes, t_shapes)
+    each = [feature_loss([a], [b], nn.ModuleList([p])).item() for a, b, p in zip(student, targets, proj)]
+    assert feature_loss(student, targets, proj).item() == pytest.approx(sum(each) / 4, rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- the cache
@@ -291,24 +369,27 @@ def test_teacher_on_the_fly_with_augmentation_or_small_budget(tiny, capsys):
 
 def test_every_method_runs_and_leaves_the_teacher_untouched(tiny, tmp_path):
     seed_everything(7)
-    teacher = build_model(SMALL, 10)
+    teacher = build_model(TEACHER, 10)       # SimKD re-applies its last standard block: one without down-sampling
     teacher.train()                              # distill freezes it while training and restores the mode after
     before = state_fingerprint(teacher)
     cache = {}
     for method in METHODS:
         ck = tmp_path / f"{method}.pt"
-        layers = SMALL_LAYERS if "feature_kd" in method else None
-        history = distill(teacher, STUDENT, tiny, method, teacher_layers=layers, teacher_name=SMALL, epochs=1,
+        layers = KQ_LIKE if "feature_kd" in method else None      # every KQ-based method
+        history = distill(teacher, STUDENT, tiny, method, teacher_layers=layers, teacher_name=TEACHER, epochs=1,
                           lr=0.005, seed=0, batch_size=8, cache=cache, checkpoint=ck, progress=False, device="cpu")
         assert len(history) == 1 and {"epoch", "loss", "train_acc", "test_acc"} <= set(history[0])
         assert math.isfinite(history[0]["loss"])
         meta = load_checkpoint(ck)["meta"]
         assert meta["method"] == method and meta["seed"] == 0
-        if method in ("standard_layers", "fitnets_kd"):
-            assert meta["teacher_layers"] == standard_layers(SMALL)
-        if method in ("feature_kd", "feature_kd_ce"):
-            assert meta["teacher_layers"] == SMALL_LAYERS
-        if method != "ce" and method != "hinton_kd":
+        if method == "simkd":                 # the deepest standard pair only
+            assert meta["teacher_layers"] == standard_layers(TEACHER)[-1:]
+            assert meta["student_layers"] == standard_layers(STUDENT)[-1:]
+        elif method in STANDARD:
+            assert meta["teacher_layers"] == standard_layers(TEACHER)
+        if "feature_kd" in method:
+            assert meta["teacher_layers"] == KQ_LIKE
+        if "feature" in TERMS[method] and method != "simkd":
             assert meta["student_layers"] == standard_layers(STUDENT) and meta["teacher_fingerprint"] == before
     assert state_fingerprint(teacher) == before
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())
@@ -332,7 +413,7 @@ def test_same_init_and_data_order_resume_and_guards(tiny, teacher, tmp_path):
     with pytest.raises(ValueError, match="student is the teacher"):
         distill(teacher, teacher, tiny, "ce", **kw)
     with pytest.raises(ValueError, match="unknown method"):
-        distill(teacher, STUDENT, tiny, "simkd", **kw)
+        distill(teacher, STUDENT, tiny, "crd", **kw)
     with pytest.raises(ValueError, match="standard layers"):
         distill(teacher, STUDENT, tiny, "standard_layers", teacher_layers=SMALL_LAYERS, teacher_name=SMALL, **kw)
     anonymous = build_model(SMALL, 10)
@@ -390,3 +471,56 @@ def test_gradient_isolation_of_every_paper_student(tiny, student_name, teacher_n
     assert (mse[backbone] > 0).all(), f"no feature gradient for {list(backbone[mse[backbone] == 0])[:3]}"
     assert flow["classifier"].sum() >= 2 and set(flow.index[flow["classifier"]]) <= set(head)
     assert teacher.training and all(p.requires_grad for p in teacher.parameters())     # restored afterwards
+
+
+def test_simkd_predicts_through_the_teacher_tail(tiny, tmp_path):
+    from kdutils.distill import SimKDStudent, gradient_flow, simkd_student
+    seed_everything(0)
+    teacher = build_model(TEACHER, 10).eval().requires_grad_(False)
+    student = simkd_student(teacher, build_model(STUDENT, 10), 4, 8, 32, seed=0)
+    assert isinstance(student, SimKDStudent) and [type(m).__name__ for m in student.tail][-2:] == ["Sequential", "Linear"]
+    tail_params = sum(p.numel() for p in student.tail.parameters())
+    assert tail_params == sum(p.numel() for n, p in teacher.named_parameters() if n.startswith(("layer4.1.", "fc.")))
+    xb = one_batch(tiny)[0]
+    assert student(xb).shape == (8, 10) and student.project(xb).shape == (8, 256, 4, 4)   # teacher layer 8: 256x4x4
+    flow = gradient_flow(teacher, student, tiny, "simkd", teacher_layers=[8], student_layers=[4], batch_size=8)
+    assert flow.loc["student.conv1.weight", "|grad| from CE"] > 0                   # CE trains everything
+    assert flow.loc["tail.0.conv1.weight", "|grad| from feature MSE"] == 0           # the MSE stops at the projector
+    assert not any(p.grad is not None for p in teacher.parameters())                 # the teacher itself is untouched
+    history = distill(teacher, STUDENT, tiny, "simkd", epochs=1, lr=0.005, batch_size=8, progress=False,
+                      checkpoint=tmp_path / "simkd.pt", device="cpu")
+    assert history[0]["params"] == sum(p.numel() for p in student.parameters())     # evaluated with the tail
+    with pytest.raises(ValueError, match="down-sampling"):
+        simkd_student(teacher, build_model(STUDENT, 10), 4, 7, 32)                  # layer 7 = layer4.0, stride 2
+    small = simkd_student(teacher, build_model(STUDENT, 10), 4, 6, 32)             # 4x4 student, 8x8 teacher map:
+    assert small(xb).shape == (8, 10) and small.project(xb).shape == (8, 128, 4, 4)  # the tail pools any size
+
+
+def test_semckd_loss_weights_pairs_by_attention():
+    from kdutils.distill import semckd_loss, semckd_modules
+    torch.manual_seed(0)
+    s_unique, t_unique = [(4, 4, 4), (6, 2, 2)], [(5, 4, 4), (3, 2, 2)]
+    s_shapes = [s for s in s_unique for _ in t_unique]
+    t_shapes = [t for _ in s_unique for t in t_unique]
+    modules = semckd_modules(s_shapes, t_shapes, 2, 2, batch_size=3)
+    student = [torch.randn(3, *sh) for sh in s_unique]
+    teacher = [torch.randn(3, *sh) for sh in t_unique]
+    loss = semckd_loss(student, teacher, s_shapes, t_shapes, modules)
+    # by hand: the same attention weights and per-sample pair MSEs, summed over teacher layers, averaged
+    def embed(f, mlp):
+        flat = f.flatten(1)
+        return F.normalize(mlp(flat @ flat.T), dim=1)
+    total = 0.0
+    for i, f_s in enumerate(student):
+        q = embed(f_s, modules["query"][i])
+        logits = torch.stack([(q * embed(f_t, modules["key"][j])).sum(1) for j, f_t in enumerate(teacher)], 1)
+        w = logits.softmax(1)
+        for j, f_t in enumerate(teacher):
+            size = f_t.shape[2:] if f_s.shape[2] >= f_t.shape[2] else f_s.shape[2:]
+            target = F.adaptive_avg_pool2d(f_t, size)
+            out = modules["projectors"][2 * i + j](F.adaptive_avg_pool2d(f_s, size))
+            total = total + (w[:, j] * (out - target).pow(2).flatten(1).mean(1)).mean()
+    assert loss.item() == pytest.approx(total.item() / 2, rel=1e-5)
+    loss.backward()
+    assert all(p.grad is not None for p in modules["query"].parameters())
+    assert all(p.grad is not None for p in modules["key"].parameters())

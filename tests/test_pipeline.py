@@ -35,7 +35,7 @@ def test_preset_values():
     quick = resolve_config("quick")
     assert (quick["dataset"], quick["teacher"], quick["student"]) == ("digits", "resnet18_narrow", "resnet10_narrow")
     assert quick["seeds"] == [0] and quick["teacher_lr"] == quick["student_lr"] == 0.0075
-    assert quick["methods"] == ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers"]
+    assert quick["methods"] == ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers", "fitnets_kd_nokl"]
     assert (quick["pretrained"], quick["augment"], quick["batch_size"], quick["k"]) == (False, False, 128, 4)
     cpu = resolve_config("cifar10-cpu")
     assert cpu["dataset"] == "cifar10" and cpu["seeds"] == [0, 1, 2] and cpu["teacher"] == "resnet18_narrow"
@@ -45,7 +45,9 @@ def test_preset_values():
         paper = resolve_config(name)
         assert (paper["dataset"], paper["image_size"], paper["pair"]) == (dataset, size, "resnet34-resnet9")
         assert (paper["teacher_epochs"], paper["student_epochs"], paper["seeds"]) == (50, 50, [0, 1, 2])
-        assert paper["pretrained"] and not paper["augment"] and "fitnets_kd" in paper["methods"]
+        assert paper["pretrained"] and not paper["augment"]
+        assert paper["methods"] == ["ce", "feature_kd", "hinton_kd", "hinton_kd_std", "fitnets_kd", "fitnets_fc_kd",
+                                    "sp_kd", "simkd", "semckd"]
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "tinyimagenet"])
@@ -63,7 +65,11 @@ def test_paper_presets_match_method_md_literally(name):
     assert (config["teacher"], config["student"], config["teacher_lr"], config["student_lr"]) == \
         ("resnet34", "resnet9", 0.0075, 0.0075)                                          # MaxLR peaks
     assert train.ONE_CYCLE_PCT_START == 0.3
-    assert inspect.signature(distill.distill).parameters["temperature"].default == 4.0  # T = 4, weight T^2 = 16
+    assert distill.REGISTRY["hinton_kd"].temperature == 4.0 and distill.REGISTRY["hinton_kd_t2"].temperature == 2.0
+    z, zt = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 0.0]])         # the weight is T^2: 16 at T = 4
+    assert distill.kd_loss(z, zt, 4.0).item() == pytest.approx(16 * distill.kd_loss(z, zt, 4.0).item() / 16)
+    assert distill.kd_loss(z, zt, 4.0).item() / torch.nn.functional.kl_div(
+        torch.log_softmax(z / 4, 1), torch.softmax(zt / 4, 1), reduction="batchmean").item() == pytest.approx(16.0)
     assert inspect.signature(train.fit).parameters["weight_decay"].default == 0.01
     peaks = {pair: (resolve_config(name, pair=pair)["teacher_lr"], resolve_config(name, pair=pair)["student_lr"])
              for pair in ("vgg19-vgg11", "resnet34-mobilenetv2", "vitb-vitet")}
@@ -231,9 +237,9 @@ def test_results_markdown_shows_percentages_gains_and_teacher():
                                             preset="quick", dataset="digits"))
     rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) == {"method", "ce", "feature_kd", "hinton_kd"}
-    assert "| 85.00 ± 7.07 | 87.50 ± 3.54 |  | 3 | 2 | 6.0 |" in rows["ce"]
-    assert "| 90.00 ± 2.83 | 90.00 ± 2.83 | +5.00 | 2 | 2 | 12.0 |" in rows["feature_kd"]
-    assert "| 70.00 ± 0.00 | 70.00 ± 0.00 | -15.00 | never | 1 | 3.0 |" in rows["hinton_kd"]
+    assert "| Student | 85.00 ± 7.07 | 87.50 ± 3.54 |  | 3 | 2 |  | 6.0 |" in rows["ce"]      # no params recorded
+    assert "| Ours | 90.00 ± 2.83 | 90.00 ± 2.83 | +5.00 | 2 | 2 |  | 12.0 |" in rows["feature_kd"]
+    assert "| Van. KD | 70.00 (1 seed) | 70.00 (1 seed) | -15.00 | never | 1 |  | 3.0 |" in rows["hinton_kd"]
     assert "`resnet18_narrow`: 97.50%" in table and "`quick`" in table and "`digits`" in table
 
 
@@ -320,7 +326,7 @@ def test_run_pipeline_success(notebooks_dir, tmp_path, capsys):
                            notebooks=["a.ipynb", "z.ipynb"], progress=False)
     assert results == {**RESULTS, "preset": "quick"} == json.loads((run_dir / "results.json").read_text())
     assert (run_dir / "results.md").read_text() == results_markdown(results)
-    assert "| ce | 50.00 ± 0.00 | 60.00 ± 0.00 |" in capsys.readouterr().out
+    assert "| ce | Student | 50.00 (1 seed) | 60.00 (1 seed) |" in capsys.readouterr().out
     seen = json.loads((run_dir / "a.json").read_text())
     assert seen == {"preset": "quick", "run_dir": str(run_dir.resolve()), "student_epochs": 2, "flavour": "salty",
                     "executable": sys.executable, "cwd": str(notebooks_dir.resolve())}
@@ -389,3 +395,44 @@ def test_run_pipeline_checks_inputs_before_running(notebooks_dir, tmp_path):
         main(["--preset", "quick", "--notebooks-dir", str(notebooks_dir), "--notebooks", "a.ipynb",
               "-p", "student_epoch", "2"])
     assert exit_.value.code == 2
+
+
+def _results(rows, teacher_acc=0.9):
+    """results with given (final accuracies per seed) per method, 2 epochs each."""
+    runs = {m: [[{"epoch": 1, "loss": 1, "train_acc": 0, "test_acc": a / 2, "seconds": 1},
+                 {"epoch": 2, "loss": 1, "train_acc": 0, "test_acc": a, "seconds": 1}] for a in accs]
+            for m, accs in rows.items()}
+    return summarize_runs(runs, teacher={"model": "t", "test_acc": teacher_acc}, preset="quick", dataset="d")
+
+
+def test_differences_and_verdicts_state_both_effects_with_their_spread():
+    results = _results({"ce": [0.50, 0.52], "feature_kd": [0.60, 0.62], "standard_layers": [0.55, 0.58],
+                        "fitnets_kd_nokl": [0.56, 0.57], "feature_kd_ce": [0.40, 0.41]})
+    d = pipeline.difference(results, "feature_kd", "ce")
+    assert d["points"] == pytest.approx(10.0) and d["spread"] == pytest.approx(100 * 0.02 / 2 ** 0.5)
+    assert d["verdict"] == "above ce by more than the seed spread"
+    assert pipeline.difference(results, "standard_layers", "fitnets_kd_nokl")["verdict"] == "within the seed spread"
+    assert pipeline.difference(results, "feature_kd_ce", "ce")["verdict"] == "below ce by more than the seed spread"
+    lines = pipeline.verdicts(results)
+    assert lines[0].startswith("Teacher t: 90.00%. Ranking by final-epoch accuracy (2 seeds): feature_kd 61.00%")
+    assert any(line.startswith("Effect of layer choice") and "feature_kd - standard_layers = +4.50 points" in line
+               for line in lines)
+    assert any(line.startswith("Effect of removing CE from the backbone, standard layers") and "+0.00" in line
+               for line in lines)
+    assert not any("not better than" in line for line in lines)
+    one = _results({"ce": [0.9], "feature_kd": [0.8]}, teacher_acc=0.85)
+    lines = pipeline.verdicts(one)
+    assert "(1 seed)" in lines[0] and any("one seed: no spread" in line for line in lines)
+    assert any("is not better than the ce student" in line for line in lines)
+    assert "± 0.00" not in results_markdown(one)
+
+
+def test_long_schedule_recipe():
+    config = resolve_config("cifar10", schedule="long")
+    assert (config["student_epochs"], config["student_lr"]) == (240, 0.05)
+    assert pipeline.student_recipe(config) == {"epochs": 240, "lr": 0.05, "schedule": "long", "weight_decay": 5e-4}
+    assert resolve_config("cifar10", pair="vgg19-vgg11", schedule="long")["student_lr"] == 0.01
+    assert resolve_config("cifar10", schedule="long", student_epochs=30)["student_epochs"] == 30
+    assert pipeline.student_recipe(resolve_config("quick"))["weight_decay"] == 0.01
+    with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
+        resolve_config("quick", schedule="cosine")

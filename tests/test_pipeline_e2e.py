@@ -4,6 +4,7 @@ import json
 import nbformat
 import torch
 
+from kdutils import report
 from kdutils.layers import layer_table
 from kdutils.models import build_model
 from kdutils.pipeline import NOTEBOOKS, resolve_config, run_pipeline
@@ -58,6 +59,10 @@ def test_quick_pipeline(tmp_path):
     assert all(row["final_acc_mean"] > 0.5 for row in results["methods"].values())   # every student learned
     manifest = json.loads((run_dir / "manifests" / "01_train_teacher.json").read_text())
     assert manifest["config"]["seeds"] == [0] and "sha256" in manifest["artifacts"]["teacher"]
+    for figure in ("result_panel.png", "result_panel_best.png", "accuracy_curves.png"):    # notebook 5's report
+        (run_dir / "figures" / figure).unlink()
+    assert report.main([str(run_dir)]) == 0                                          # rewritten from results.json
+    assert all((run_dir / "figures" / f).stat().st_size > 10_000 for f in ("result_panel.png", "accuracy_curves.png"))
 
 
 def test_pipeline_on_shared_cifar10_npz(tmp_path, shared_npz):

@@ -157,3 +157,14 @@ def test_backbone_lr_scale_slows_everything_but_the_head(digits):
     assert backbone_slow < 1e-5 < head_slow  # the head still trains at the full LR
     with pytest.raises(ValueError, match="backbone_lr_scale must be in"):
         fit(build_model("resnet10_narrow", 10), ds, epochs=1, lr=0.01, backbone_lr_scale=0.0, progress=False)
+
+
+def test_long_schedule_is_sgd_with_lr_steps_at_scaled_milestones(digits):
+    ds = small(digits, 256, 32)                  # 2 steps per epoch
+    seed_everything(0)
+    model = build_model("resnet10_narrow", ds.num_classes)
+    history = fit(model, ds, epochs=8, lr=0.05, weight_decay=5e-4, schedule="long", progress=False)
+    # milestones 150/180/210 of 240 scale to epochs 5, 6 and 7 of 8: the LR after each epoch
+    assert [h["lr"] for h in history] == pytest.approx([0.05] * 4 + [0.005, 5e-4, 5e-5, 5e-5])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        fit(model, ds, epochs=1, lr=0.05, schedule="step", progress=False)

@@ -1,0 +1,119 @@
+"""Rebuild a run's report from its results.json: the Markdown table and the paper-style figures.
+
+`python -m kdutils.report RUN_DIR [RUN_DIR ...]` (re)writes, for each run directory, RUN_DIR/results.md and
+RUN_DIR/figures/{result_panel.png, result_panel_best.png, accuracy_curves.png} from RUN_DIR/results.json (written by
+notebook 05_compare_to_hinton_kd). Every file is written to a temporary file in its folder and renamed into place, so
+an interrupted report never leaves half a file. Nothing is trained or recomputed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Sequence
+
+from matplotlib.figure import Figure
+
+from kdutils.pipeline import RESULTS_FILE, require_artifact, results_markdown
+from kdutils.plots import plot_accuracy_curves, plot_result_panel
+
+RESULTS_NOTEBOOK = "05_compare_to_hinton_kd.ipynb"
+DPI = 120
+FIGURES = {  # output name: (file under RUN_DIR/figures, what it shows)
+    "result_panel": ("result_panel.png", "gain over the CE student, final epoch (our headline)"),
+    "result_panel_best": ("result_panel_best.png", "gain over the CE student, best epoch (the paper's protocol)"),
+    "accuracy_curves": ("accuracy_curves.png", "test accuracy per epoch, first epoch reaching CE's best"),
+}
+
+
+def _write_atomic(path: Path, write: Callable[[object], None], mode: str = "wb") -> Path:
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _save_figure(fig: Figure, path: Path) -> Path:
+    """Save a figure as PNG at DPI, atomically."""
+    return _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+
+
+def _figures(results: dict) -> dict[str, Figure]:
+    """The report's figures of one results dict, by output name."""
+    where = f"{results.get('dataset', '?')} ({results.get('preset', '?')})"
+    return {
+        "result_panel": plot_result_panel(results, metric="final",
+                                          title=f"{where}: final-epoch accuracy gain over the student"),
+        "result_panel_best": plot_result_panel(results, metric="best",
+                                               title=f"{where}: best-epoch accuracy gain over the student"),
+        "accuracy_curves": plot_accuracy_curves(results),
+    }
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """(Re)write run_dir/results.md and run_dir/figures/*.png from run_dir/results.json; return the paths by name."""
+    run_dir = Path(run_dir)
+    source = require_artifact(run_dir / RESULTS_FILE, RESULTS_NOTEBOOK)
+    try:
+        results = json.loads(source.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source} is not valid JSON ({err}); rerun notebooks/{RESULTS_NOTEBOOK}.") from err
+    if not isinstance(results, dict) or not isinstance(results.get("methods"), dict) or "teacher" not in results:
+        raise ValueError(f"{source} has no 'methods'/'teacher' entries; it was not written by "
+                         f"kdutils.pipeline.summarize_runs (notebooks/{RESULTS_NOTEBOOK}).")
+    try:
+        table = results_markdown(results)
+        figures = _figures(results)
+    except (KeyError, ValueError, TypeError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{source}: {detail}") from err
+    paths = {"results_md": _write_atomic(run_dir / "results.md", lambda f: f.write(table), mode="w")}
+    for name, fig in figures.items():
+        paths[name] = _save_figure(fig, run_dir / "figures" / FIGURES[name][0])
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of `python -m kdutils.report`."""
+    written = "\n".join(f"  RUN_DIR/figures/{file}: {what}" for file, what in FIGURES.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m kdutils.report", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=f"Rebuild the report of finished runs from RUN_DIR/{RESULTS_FILE} (written by notebook "
+                    f"{RESULTS_NOTEBOOK}); nothing is retrained. Writes, replacing earlier versions atomically:\n"
+                    f"  RUN_DIR/results.md: the results table\n{written}",
+    )
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run directory of the pipeline")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 1 a run directory failed, 2 bad arguments)."""
+    args = build_parser().parse_args(argv)
+    status = 0
+    for run_dir in args.run_dirs:
+        try:
+            paths = write_report(run_dir)
+        except (OSError, ValueError) as err:  # FileNotFoundError is an OSError
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+            continue
+        for path in paths.values():
+            print(path)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
