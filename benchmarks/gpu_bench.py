@@ -69,7 +69,7 @@ from kdutils.kq import kq_per_class, layer_qualities
 from kdutils.layers import standard_layers
 from kdutils.models import build_model
 from kdutils.pipeline import PAIRS, PEAK_LR
-from kdutils.train import default_device, evaluate, fit, seed_everything
+from kdutils.train import default_device, evaluate, fit, native_bf16, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
@@ -328,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.models and not set(args.models) <= known:
         raise SystemExit(f"--models: {sorted(set(args.models) - known)} not among this mode's models {sorted(known)}")
     wanted = lambda name: args.models is None or name in args.models  # noqa: E731
-    half = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp16"
+    half = "bf16" if native_bf16(device) else "fp16"
     precisions = [("fp32", False)] if tiny else [(half, True), ("fp32", False)]
     compiles = [False] + ([True] if (args.compile_on_cpu if tiny else not args.no_compile) else [])
     configs = [(p, amp, c) for c in compiles for p, amp in precisions]

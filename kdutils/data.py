@@ -127,6 +127,36 @@ def load_dataset(name: str | Path, root: str | Path = "data", download: bool = T
     return _make_dataset(ds_name, _validate(arrays, source=ds_name), per_class, seed)
 
 
+def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Hold out a seeded, class-balanced `fraction` of the training images: returns (train, validation).
+
+    `train` keeps the remaining training images and the test split; `validation` has the same training images and
+    the held-out images as its *test* split, so a model fitted on it is scored on the validation split and never on
+    the test split. Both carry the channel statistics of the remaining training images.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the validation fraction must be in (0, 1), got {fraction}.")
+    y = data.y_train.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    held = []
+    for c in range(data.num_classes):
+        members = np.flatnonzero(y == c)
+        n = int(round(fraction * len(members)))
+        if len(members) and not 1 <= n < len(members):
+            raise ValueError(f"class {data.classes[c]!r} has {len(members)} training images: a {fraction:g} "
+                             f"validation split would leave {len(members) - n} for training and hold out {n}; "
+                             f"use more images per class (per_class) or another fraction.")
+        held.append(rng.choice(members, n, replace=False))
+    held = np.sort(np.concatenate(held))
+    keep = np.setdiff1d(np.arange(len(y)), held)
+    to = lambda rows: torch.from_numpy(rows).to(data.x_train.device)  # noqa: E731
+    x_train, y_train = data.x_train[to(keep)], data.y_train[to(keep)]
+    mean, std = _channel_stats(x_train.cpu())
+    train = dataclasses.replace(data, x_train=x_train, y_train=y_train, mean=mean, std=std)
+    val = dataclasses.replace(train, x_test=data.x_train[to(held)], y_test=data.y_train[to(held)])
+    return train, val
+
+
 def normalize(x_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """float32 `(x / 255 - mean) / std` per channel for uint8 images (N,C,H,W) or (C,H,W), on x's device."""
     if x_uint8.dtype != torch.uint8:

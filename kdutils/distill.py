@@ -559,23 +559,114 @@ def _resolve_layers(method: str, spec: Method, teacher: nn.Module, data: Dataset
     return [s for s, _ in pairs], [t for _, t in pairs]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# what happens while a student trains: loss terms per epoch, gradient conflict, distance to the teacher
+
+MONITOR_BATCHES = 2      # fixed training batches that distill(..., monitor=True) measures after every epoch
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Linear centred kernel alignment (Kornblith et al., 2019) of two feature batches (B, ...): 1 when one is an
+    orthogonal transform and rescaling of the other, near 0 when unrelated; needs no projector."""
+    x, y = x.flatten(1).double(), y.flatten(1).double()
+    x, y = x - x.mean(0), y - y.mean(0)
+    k, l = x @ x.T, y @ y.T
+    den = torch.linalg.matrix_norm(k) * torch.linalg.matrix_norm(l)
+    return float((k * l).sum() / den) if den > 0 else float("nan")
+
+
+def stage_parameters(model: nn.Module, layers: Sequence[int]) -> dict[str, list[nn.Parameter]]:
+    """The backbone cut into stages at the given generalized layers: stage "layer i" holds the parameters that run
+    after the previous listed layer and up to layer i (the first stage includes the stem)."""
+    from kdutils.layers import split_at_layer
+    params = dict(model.named_parameters())
+    stages, seen = {}, set()
+    for index in sorted(set(layers)):
+        names = [n for n in split_at_layer(model, index)[0] if n not in seen]
+        seen.update(names)
+        stages[f"layer {index}"] = [params[n] for n in names if params[n].requires_grad]
+    return stages
+
+
+def _cosine(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float | None:
+    """Cosine between two gradients given per parameter (None = no gradient); None when either is zero."""
+    pairs = [(x, y) for x, y in zip(a, b) if x is not None and y is not None]
+    na = math.sqrt(sum(float(x.double().pow(2).sum()) for x in a if x is not None))
+    nb = math.sqrt(sum(float(y.double().pow(2).sum()) for y in b if y is not None))
+    if na == 0 or nb == 0:
+        return None
+    return sum(float((x.double() * y.double()).sum()) for x, y in pairs) / (na * nb)
+
+
+def _measure(model: nn.Module, inner: nn.Module, fixed: list, loss_fn: LossFn, terms: dict, feats: dict,
+             lookup: TeacherLookup, spec: Method, s_layers: Sequence[int], projectors: nn.ModuleList | None,
+             device: torch.device) -> dict:
+    """One epoch's measurements on the fixed batches (see distill's `monitor`); the model's BatchNorm statistics and
+    the global RNG are restored afterwards, so training goes on exactly as without them."""
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    was_training = model.training
+    model.train()                        # as during training: BatchNorm on batch statistics
+    stages = stage_parameters(inner, s_layers) if spec.ce_backbone else {}
+    logit_grads: dict[str, list] = {k: [None] * len(v) for k, v in stages.items()}
+    feature_grads: dict[str, list] = {k: [None] * len(v) for k, v in stages.items()}
+    mse, cka = [[] for _ in s_layers], [[] for _ in s_layers]
+
+    def add(store: list, grads: Sequence[torch.Tensor | None]) -> None:
+        for i, g in enumerate(grads):
+            if g is not None:
+                store[i] = g.detach().clone() if store[i] is None else store[i] + g
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            for xb, yb, idx in fixed:
+                xb, yb = to_input(xb, device), yb.to(device)
+                with autocast(device):
+                    loss_fn(model, xb, yb, idx)
+                logit = sum(v for k, v in terms.items() if k in ("ce", "kl"))
+                for name, params in stages.items():
+                    add(logit_grads[name], torch.autograd.grad(logit, params, retain_graph=True, allow_unused=True))
+                    add(feature_grads[name], torch.autograd.grad(terms["feature"], params, retain_graph=True,
+                                                                 allow_unused=True))
+                with torch.no_grad():
+                    targets, _ = lookup(xb, idx)
+                    for i, (layer, t, proj) in enumerate(zip(s_layers, targets, projectors)):
+                        s = _pool(feature_map(feats[layer].float(), t.dim() - 2), t.shape[2:])
+                        mse[i].append(float(F.mse_loss(proj(s), t.float())))
+                        cka[i].append(linear_cka(s, t))
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    b.copy_(buffers[n])
+            model.train(was_training)
+    out = {"feature_mse": [sum(v) / len(v) for v in mse], "feature_cka": [sum(v) / len(v) for v in cka]}
+    if stages:
+        out["grad_cosine"] = {k: _cosine(logit_grads[k], feature_grads[k]) for k in stages}
+    return out
+
+
 @contextlib.contextmanager
 def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: str, *,
                  teacher_layers: Sequence[int] = (), student_layers: Sequence[int] = (), seed: int = 0,
                  temperature: float | None = None, augment: bool = False, cache: dict | None = None,
                  cache_budget_mb: float | None = None, device: torch.device | str | None = None,
-                 batch_size: int = 128, record: dict | None = None, progress: bool = True
-                 ) -> Iterator[tuple[LossFn, nn.ModuleList | None]]:
+                 batch_size: int = 128, record: dict | None = None, progress: bool = True,
+                 monitor: int = 0) -> Iterator[tuple[LossFn, nn.ModuleList | None]]:
     """Set up a method's loss for `fit`: yields (loss_fn, projectors) with the student's layers tapped.
 
     Layers must already be resolved (see :func:`distill`). `record`, if given, receives the last batch's loss terms
     ("ce", "feature", "kl"; undetached) so a test can back-propagate one term alone. `temperature` None means the
-    method's own (REGISTRY).
+    method's own (REGISTRY). `loss_fn.epoch_end` is an `on_epoch_end` for fit that adds each term's epoch mean to
+    the history row ("terms") and, with `monitor` > 0, measurements on that many fixed training batches
+    ("monitor", see :func:`distill`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     spec = REGISTRY[method]
     temperature = spec.temperature if temperature is None else temperature
+    if monitor and spec.feature != "mse":
+        raise ValueError(f"monitor measures methods with paired 1x1-projector feature losses (feature_kd, "
+                         f"feature_kd_ce, standard_layers, fitnets_kd, ...); {method!r} has "
+                         f"{'none' if not spec.feature else spec.feature + ' features'}. Pass monitor=False.")
     if student is teacher:
         raise ValueError("the student is the teacher: pass a separate student model.")
     if teacher.training or any(p.requires_grad for p in teacher.parameters()):
@@ -641,8 +732,30 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
             if record is not None:
                 record.clear()
                 record.update(terms)
+            for k, v in terms.items():       # epoch sums on the device: no synchronisation per step
+                sums[k] = sums.get(k, 0.0) + v.detach().float() * len(yb)
+            seen[0] += len(yb)
             return sum(terms.values()), logits
 
+        sums: dict[str, torch.Tensor] = {}
+        seen = [0]
+        fixed = []
+        if monitor:
+            n = min(monitor * batch_size, data.num_train)
+            fixed = list(batches(data.x_train[:n], data.y_train[:n], batch_size, mean=data.mean, std=data.std,
+                                 with_index=True))
+        if fixed and record is None:
+            record = {}                      # the measurements read each term from it
+
+        def epoch_end(epoch: int, model: nn.Module, row: dict) -> None:
+            row["terms"] = {k: float(v) / max(seen[0], 1) for k, v in sums.items()}
+            if fixed:
+                row["monitor"] = _measure(model, inner, fixed, loss_fn, record, feats, lookup, spec, s_layers,
+                                          projectors, device)
+            sums.clear()                     # the next epoch starts from zero (the measurements added to them)
+            seen[0] = 0
+
+        loss_fn.epoch_end = epoch_end
         yield loss_fn, projectors
 
 
@@ -653,7 +766,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
             student_name: str | None = None, cache: dict | None = None, cache_budget_mb: float | None = None,
             checkpoint: str | Path | None = None, device: torch.device | str | None = None,
             progress: bool = True, amp: bool = True, compile_model: bool = False,
-            schedule: str = "onecycle") -> list[dict]:
+            schedule: str = "onecycle", monitor: bool | int = False) -> list[dict]:
     """Train a student with one of METHODS from a frozen teacher; return fit's per-epoch history.
 
     `student` given by name is built after seed_everything(seed), so every method starts from the same weights.
@@ -664,6 +777,13 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
     is resumed (or, if finished, returned without running the teacher). `amp`, `compile_model` and `schedule`
     ("onecycle", or "long" for the +240E baselines' SGD recipe) are fit's; a run
     that diverges stops with kdutils.train.TrainingDiverged (lower `lr`, the pipeline's student_lr).
+
+    Every history row gets "terms": each loss term's mean over the epoch ("ce", "feature", "kl"). `monitor` (off by
+    default; True = MONITOR_BATCHES, or a number of batches) measures, after every epoch, on the first fixed training
+    batches in train mode (BatchNorm statistics and RNG restored, so the run is unchanged): "feature_mse" and
+    "feature_cka" (linear CKA, projector-free) of each distilled student layer against its teacher target, and, for
+    methods whose logit losses reach the backbone, "grad_cosine": per backbone stage, the cosine between the
+    gradients of the logit terms (CE, + KL) and of the feature term (row["monitor"]).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -714,8 +834,9 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
         with distill_loss(teacher, student, dataset, method, teacher_layers=t_layers, student_layers=s_layers,
                           seed=seed, temperature=temperature, augment=augment, cache=cache,
                           cache_budget_mb=cache_budget_mb, device=device, batch_size=batch_size,
-                          progress=progress) as (loss_fn, projectors):
-            return fit(student, dataset, loss_fn=loss_fn, extra=projectors, **common)
+                          progress=progress, monitor=MONITOR_BATCHES if monitor is True else int(monitor)
+                          ) as (loss_fn, projectors):
+            return fit(student, dataset, loss_fn=loss_fn, extra=projectors, on_epoch_end=loss_fn.epoch_end, **common)
     finally:
         teacher.train(was_training)
         for p, flag in zip(teacher.parameters(), grad_flags):

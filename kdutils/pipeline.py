@@ -46,6 +46,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("01_train_teacher.ipynb", "02_probe_layer_geometry.ipynb", "03_compute_kq.ipynb",
              "04_distill_without_ce.ipynb", "05_compare_to_hinton_kd.ipynb")
+# Run after notebook 5 when asked (--validate-kq): does KQ pick the right layers?
+VALIDATION_NOTEBOOK = "06_validate_kq.ipynb"
 RESULTS_FILE = "results.json"
 
 # Peak (OneCycle max) learning rate per model: METHOD.md decision 3 (MaxLR), for teachers and students alike.
@@ -99,6 +101,16 @@ PARAMETERS = {
                     "ImageNet (METHOD.md 3.1); follows dataset and teacher unless set",
     "k": "number of distilled layer pairs, 1 to the student's standard-layer count (4): the top-k teacher layers by "
          "KQ, paired with the student's k deepest standard layers",
+    "monitor": "record, after each epoch of notebook 5's feature methods with 1x1 projectors, the cosine between the "
+               "backbone gradients of the logit and feature terms and each distilled layer's distance to the "
+               "teacher (distill(..., monitor=True); the training itself is unchanged)",
+    "val_fraction": "share of the training images held out (seeded, class-balanced) as the validation split that "
+                    "notebook 6 scores layers on; every notebook trains on the rest. 0 = the paper's protocol "
+                    "(all training images; notebook 6 then carves its split from images the teacher saw)",
+    "validation_epochs": "epochs of each student run of notebook 6 (the single-layer sweep and the selections)",
+    "validation_seeds": "how many of `seeds` (the first ones) notebook 6 trains each run with",
+    "validation_layers": "teacher layers of notebook 6's single-layer sweep: all (every generalized layer) or a "
+                         "list such as [2,5,8] (correlations over fewer layers are weaker evidence)",
 }
 
 _CPU_PAIR = "resnet18_narrow-resnet10_narrow"
@@ -112,7 +124,8 @@ _PAPER_METHODS = ["ce", "feature_kd", "hinton_kd", "hinton_kd_std", "fitnets_kd"
 
 
 def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int], pretrained: bool,
-            methods: list[str], image_size: int = 32, per_class: int | None = None) -> dict:
+            methods: list[str], image_size: int = 32, per_class: int | None = None, val_fraction: float = 0.1,
+            validation_epochs: int | None = None) -> dict:
     """One preset's full key set (teacher, student and LRs follow from the pair)."""
     teacher, student = PAIRS[pair]["teacher"], PAIRS[pair]["student"]
     return {"dataset": dataset, "per_class": per_class, "image_size": image_size, "pair": pair,
@@ -121,20 +134,26 @@ def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int
             "teacher_lr": PEAK_LR[teacher], "backbone_lr_scale": 0.01, "student_lr": PEAK_LR[student],
             "schedule": "onecycle",
             "weight_decay": 0.01, "batch_size": 128, "augment": False, "seeds": seeds, "methods": methods,
-            "kq_samples": 5000, "kq_per_class": kq_per_class(dataset, teacher), "k": 4}
+            "kq_samples": 5000, "kq_per_class": kq_per_class(dataset, teacher), "k": 4, "monitor": True,
+            "val_fraction": val_fraction, "validation_epochs": validation_epochs or epochs[1],
+            "validation_seeds": min(2, len(seeds)), "validation_layers": "all"}
 
 
 PRESETS = {
     "quick": _preset("digits", _CPU_PAIR, epochs=(4, 4), seeds=[0], pretrained=False, methods=_CPU_METHODS,
-                     image_size=16),
+                     image_size=16, validation_epochs=2),
     "cifar10-cpu": _preset("cifar10", _CPU_PAIR, epochs=(10, 10), seeds=[0, 1, 2], pretrained=False,
                            methods=_CPU_METHODS, per_class=500),
     "cifar10": _preset("cifar10", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                       methods=_PAPER_METHODS),
+                       methods=_PAPER_METHODS, val_fraction=0.0),
     "cifar100": _preset("cifar100", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                        methods=_PAPER_METHODS),
+                        methods=_PAPER_METHODS, val_fraction=0.0),
     "tinyimagenet": _preset("tinyimagenet", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
-                            methods=_PAPER_METHODS, image_size=64),
+                            methods=_PAPER_METHODS, image_size=64, val_fraction=0.0),
+    # Colab's free GPU (a T4) in about 30 minutes for the whole series: the paper's data and pair, a short budget,
+    # two seeds and the six methods that separate layer choice from CE removal (see estimate_runtime).
+    "colab": _preset("cifar10", "resnet34-resnet9", epochs=(3, 5), seeds=[0, 1], pretrained=True,
+                     methods=_CPU_METHODS),
 }
 
 PRESET_NOTES = {
@@ -145,12 +164,35 @@ PRESET_NOTES = {
     "cifar10": "the paper's setting on CIFAR-10 (50 epochs, AdamW/OneCycle, no augmentation, 3 seeds); GPU",
     "cifar100": "the paper's setting on CIFAR-100 (fine labels); GPU",
     "tinyimagenet": "the paper's setting on Tiny ImageNet (64x64, 200 classes); GPU",
+    "colab": "real CIFAR-10 with the paper's pair (pretrained ResNet34 -> ResNet9), 3 + 5 epochs, 2 seeds, the six "
+             "methods of the CPU presets; sized for about 30 minutes on a free Colab T4 (an estimate, not "
+             "measured: see estimate_runtime); what auto picks on Colab",
 }
 
+# Sustained training throughput ASSUMED per device (FLOP/s; forward + backward, mixed precision), for runtime
+# estimates only. None of these GPUs has been measured by this project. Basis: the vendors' peak figures (T4: 65
+# TFLOPS fp16 tensor / 8.1 fp32; A100: 312 bf16; H100 SXM: 989 bf16) and the rule of thumb that ResNet training
+# sustains roughly 10% (T4) to 20-25% (A100, H100) of the tensor peak; for the T4 this matches the often quoted
+# ~250 images/s of mixed-precision ResNet-50 training (~25 GFLOP per training image). Small 32x32 models use a GPU
+# less well, so real runs may be slower; gpu_bench.py measures the real numbers.
+ASSUMED_TRAIN_FLOPS = {"t4": 6e12, "a100": 60e12, "h100": 150e12}
+NOTEBOOK_OVERHEAD_S = 30.0   # assumed per notebook: kernel start, data loading, KQ statistics, plots
+GPU_PRESETS = ("colab", "cifar10", "cifar100", "tinyimagenet")
+TRAIN_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000),
+               "digits": (1_437, 360)}
 
-def preset_name(preset: str = "auto") -> str:
-    """The concrete preset for a name: 'auto' is cifar10 when CUDA is available, else quick."""
+
+# ----------------------------------------------------------------------------------------------------------------
+# configuration
+
+def preset_name(preset: str = "auto", colab: bool | None = None) -> str:
+    """The concrete preset for a name: 'auto' is colab on Google Colab, else cifar10 with CUDA, else quick.
+
+    `colab` overrides the detection (kdutils.notebook.on_colab: True/False forces it, None detects)."""
     if preset == "auto":
+        from kdutils.notebook import on_colab  # imported here: kdutils.notebook imports this module
+        if on_colab(colab):
+            return "colab"
         return "cifar10" if torch.cuda.is_available() else "quick"
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of: auto, {', '.join(PRESETS)}.")
@@ -164,12 +206,17 @@ def _checked(key: str, value: Any, default: Any) -> Any:
         value = None if value == "all" else value
         kind, ok = "a positive int, or all (the whole train split)", value is None or (
             number and isinstance(value, int) and value > 0)
+    elif key == "validation_layers":
+        kind, ok = "all, or a non-empty list of layer indices, e.g. [2,5,8]", value == "all" or (
+            isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, int) for v in value))
+        value = list(value) if ok and value != "all" else value
     elif isinstance(default, bool):
         kind, ok = "True or False", isinstance(value, bool)
     elif isinstance(default, int):
         kind, ok = "a positive int", number and isinstance(value, int) and value > 0
     elif isinstance(default, float):
         kind, ok = ("a number >= 0", number and value >= 0) if key == "weight_decay" else \
+            ("a number in [0, 1)", number and 0 <= value < 1) if key == "val_fraction" else \
             ("a positive number", number and value > 0)
         value = float(value) if ok else value
     elif isinstance(default, list):
@@ -183,9 +230,10 @@ def _checked(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
-    """The preset's settings with `overrides` applied; `pair`/`teacher`/`student` bring their peak LRs along."""
-    name = preset_name(preset)
+def resolve_config(preset: str = "auto", *, colab: bool | None = None, **overrides: Any) -> dict:
+    """The preset's settings with `overrides` applied; `pair`/`teacher`/`student` bring their peak LRs along.
+    `colab` is passed to preset_name (it decides what 'auto' means)."""
+    name = preset_name(preset, colab)
     config = copy.deepcopy(PRESETS[name])
     unknown = sorted(set(overrides) - set(config))
     if unknown:
@@ -238,6 +286,18 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
     repeated = sorted({m for m in config["methods"] if config["methods"].count(m) > 1})
     if repeated:
         raise ValueError(f"methods {config['methods']} repeat {repeated}; list each method once.")
+    if config["validation_layers"] != "all":
+        n_layers = generalized_layer_count(config["teacher"])
+        bad = [t for t in config["validation_layers"] if not 0 <= t < n_layers]
+        if bad:
+            raise ValueError(f"validation_layers {bad} do not exist: the teacher {config['teacher']} has {n_layers} "
+                             f"generalized layers (0..{n_layers - 1}).")
+        if len(set(config["validation_layers"])) < config["k"]:
+            raise ValueError(f"validation_layers {config['validation_layers']} has fewer than k={config['k']} layers: "
+                             f"notebook 6 picks the k best of them; sweep at least k layers.")
+    if config["validation_seeds"] > len(config["seeds"]):
+        raise ValueError(f"validation_seeds={config['validation_seeds']} but seeds has {len(config['seeds'])}: "
+                         f"notebook 6 uses the first validation_seeds of seeds; pass at most {len(config['seeds'])}.")
     n_student = len(standard_layers(config["student"]))
     n_teacher = generalized_layer_count(config["teacher"])
     if not 1 <= config["k"] <= min(n_student, n_teacher):
@@ -247,12 +307,97 @@ def resolve_config(preset: str = "auto", **overrides: Any) -> dict:
     return {"preset": name, **config}
 
 
+def forward_flops(model: str, num_classes: int = 10, image_size: int = 32) -> float:
+    """Forward FLOPs of one image (2 x the multiply-adds of every Conv2d/Conv1d/Linear; attention products and
+    element-wise work are not counted), from one CPU forward pass with hooks."""
+    from kdutils.models import build_model
+    net = build_model(model, num_classes, image_size=image_size).eval()
+    macs = []
+
+    def count(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        """Add this layer's multiply-adds."""
+        weight = module.weight
+        per_output = weight[0].numel() if isinstance(module, torch.nn.modules.conv._ConvNd) else weight.shape[1]
+        macs.append(out.numel() * per_output)
+
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2.0 * sum(macs)
+
+
+def estimate_runtime(config: dict, device: str = "t4") -> dict:
+    """An ESTIMATE (not a measurement) of the series' seconds on `device` (t4, a100, h100) from model FLOPs.
+
+    Training one image costs 3x its forward FLOPs (forward + backward), an evaluation 1x; the teacher trains
+    teacher_epochs epochs, every (method, seed) student student_epochs epochs (evaluated each epoch), plus one
+    teacher pass over the training set for the cached teacher features and the KQ sample, at the throughput
+    ASSUMED_TRAIN_FLOPS[device], plus NOTEBOOK_OVERHEAD_S per notebook. Dataset downloads are not included.
+    Returns seconds for teacher, kq, students and total, with the assumptions used.
+    """
+    if device not in ASSUMED_TRAIN_FLOPS:
+        raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(ASSUMED_TRAIN_FLOPS)}.")
+    n_train, n_test = TRAIN_SIZES.get(config["dataset"], (50_000, 10_000))
+    if config.get("per_class"):
+        n_train = min(n_train, config["per_class"] * {"cifar100": 100, "tinyimagenet": 200}.get(config["dataset"], 10))
+    classes = {"cifar100": 100, "tinyimagenet": 200}.get(config["dataset"], 10)
+    f_t = forward_flops(config["teacher"], classes, config["image_size"])
+    f_s = forward_flops(config["student"], classes, config["image_size"])
+    rate = ASSUMED_TRAIN_FLOPS[device]
+    teacher = config["teacher_epochs"] * (3 * n_train + n_test) * f_t / rate
+    kq = (config["kq_samples"] + n_test) * f_t / rate
+    runs = len(config["methods"]) * len(config["seeds"])
+    students = (runs * config["student_epochs"] * (3 * n_train + n_test) * f_s + n_train * f_t) / rate
+    overhead = NOTEBOOK_OVERHEAD_S * len(NOTEBOOKS)
+    return {"device": device, "teacher": teacher, "kq": kq, "students": students, "overhead": overhead,
+            "total": teacher + kq + students + overhead, "student_runs": runs, "assumed_flops": rate,
+            "teacher_gflops": f_t / 1e9, "student_gflops": f_s / 1e9}
+
+
+def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", "h100")) -> str:
+    """One paragraph stating the estimated series time per device and what the estimate rests on."""
+    est = {d: estimate_runtime(config, d) for d in devices}
+    first = est[devices[0]]
+    fmt = lambda s: f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"  # noqa: E731
+    times = ", ".join(f"{d.upper()} ~{fmt(e['total'])}" for d, e in est.items())
+    return (f"Estimated time of the whole series for preset {config['preset']} (an estimate, NOT measured: no GPU "
+            f"has been measured by this project): {times}. Based on {first['teacher_gflops']:.2f} / "
+            f"{first['student_gflops']:.2f} GFLOP per forward image (teacher {config['teacher']} / student "
+            f"{config['student']}), 3x that per training image, {config['teacher_epochs']} teacher epochs, "
+            f"{first['student_runs']} student runs x {config['student_epochs']} epochs, and an assumed sustained "
+            f"throughput of " + ", ".join(f"{e['assumed_flops'] / 1e12:.0f} TFLOP/s on the {d.upper()}"
+                                          for d, e in est.items()) +
+            f" (kdutils.pipeline.ASSUMED_TRAIN_FLOPS); downloads not included.")
+
+
 def student_recipe(config: dict) -> dict:
     """distill's epochs, lr, weight_decay and schedule for the students of a config (the long schedule brings its
     own weight decay, 5e-4)."""
     long = config["schedule"] == "long"
     return {"epochs": config["student_epochs"], "lr": config["student_lr"], "schedule": config["schedule"],
             "weight_decay": LONG_WEIGHT_DECAY if long else config["weight_decay"]}
+
+
+def series_data(config: dict, data_root: str | Path | None = None, *, validation: bool = False):
+    """The series' data: the config's dataset (per_class subset seeded by seeds[0]) without the held-out validation
+    split (val_fraction of the training images), which every notebook trains on. With `validation`, returns
+    (train, val) instead, val holding the held-out images as its test split (kdutils.data.split_validation); with
+    val_fraction 0 (the paper's protocol) notebook 6 still needs one, so 10% of the training images are split off
+    here (images the teacher trained on)."""
+    from kdutils.data import load_dataset, split_validation
+    seed = config["seeds"][0]
+    data = load_dataset(config["dataset"], root=data_root if data_root is not None else default_data_root(),
+                        per_class=config["per_class"], seed=seed)
+    fraction = config.get("val_fraction", 0.0)
+    if fraction > 0:
+        train, val = split_validation(data, fraction, seed)
+        return (train, val) if validation else train
+    return split_validation(data, 0.1, seed) if validation else data
 
 
 def config_overrides(namespace: Mapping[str, Any]) -> dict:
@@ -290,7 +435,8 @@ def config_frame(config: dict) -> "pandas.DataFrame":
 
 def describe_presets() -> str:
     """Human-readable list of presets, their values, the pairs, methods and what every key means (for --help)."""
-    lines = ['Presets (--preset NAME; "auto" = cifar10 when CUDA is available, else quick):']
+    lines = ['Presets (--preset NAME; "auto" = colab on Google Colab, else cifar10 when CUDA is available, '
+             'else quick):']
     for name, values in PRESETS.items():
         lines.append(f"  {name}: {PRESET_NOTES[name]}")
         text = "  ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"
@@ -440,6 +586,7 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
             "epochs": [row["epoch"] for row in histories[0]],
             "params": histories[0][-1].get("params"),
             "curve": [_mean_std([h[i]["test_acc"] for h in histories])[0] for i in range(len(histories[0]))],
+            **_training_curves(histories),
         }
     target = methods["ce"]["final_acc_mean"] if "ce" in methods else None
     for summary in methods.values():
@@ -448,6 +595,72 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
     return {"preset": preset, "dataset": dataset,
             "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
                         if k in teacher}, "methods": methods}
+
+
+def _nanmean(values: Sequence[float | None]) -> float | None:
+    """Mean of the values that are not None/NaN (None when there are none)."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(kept) / len(kept) if kept else None
+
+
+def _training_curves(histories: list[list[dict]]) -> dict:
+    """Per-epoch means over seeds of the loss terms ("terms": {term: curve}) and, for runs recorded with
+    distill(..., monitor=True), of the measurements ("monitor": grad_cosine {stage: curve}, feature_mse and
+    feature_cka [pair][epoch]); epochs or seeds without them are skipped."""
+    out: dict = {}
+    epochs = range(len(histories[0]))
+    terms = sorted({k for h in histories for row in h for k in row.get("terms", {})})
+    if terms:
+        out["terms"] = {k: [_nanmean([h[i].get("terms", {}).get(k) for h in histories]) for i in epochs]
+                        for k in terms}
+    rows = [[h[i].get("monitor") for h in histories] for i in epochs]
+    if any(r is not None for per_epoch in rows for r in per_epoch):
+        first = next(r for per_epoch in rows for r in per_epoch if r is not None)
+        monitor: dict = {"seeds": sum(any(row.get("monitor") for row in h) for h in histories)}
+        for key in ("feature_mse", "feature_cka"):
+            monitor[key] = [[_nanmean([r[key][j] for r in per_epoch if r is not None]) for per_epoch in rows]
+                            for j in range(len(first[key]))]
+        if "grad_cosine" in first:
+            monitor["grad_cosine"] = {stage: [_nanmean([r["grad_cosine"][stage] for r in per_epoch if r is not None])
+                                              for per_epoch in rows] for stage in first["grad_cosine"]}
+        out["monitor"] = monitor
+    return out
+
+
+# Pairs whose feature distances tell whether logit losses pull the features away from the teacher's: the same
+# teacher layers and projectors, with and without CE (and KL) in the backbone.
+CONFLICT_PAIRS = (("feature_kd", "feature_kd_ce"), ("standard_layers", "fitnets_kd_nokl"),
+                  ("standard_layers", "fitnets_kd"))
+
+
+def conflict_summary(results: dict) -> list[str]:
+    """Sentences on the measured gradient conflict and feature distances of a run (methods trained with monitor):
+    the mean cosine per stage over the second half of training, and the final-epoch distance to the teacher of
+    each CE-free method against its counterpart with logit losses in the backbone."""
+    m = results["methods"]
+    lines = []
+    for name, row in m.items():
+        cos = row.get("monitor", {}).get("grad_cosine")
+        if not cos:
+            continue
+        half = lambda c: _nanmean(c[len(c) // 2:])  # noqa: E731
+        parts = ", ".join(f"{stage} {half(c):+.3f}" for stage, c in cos.items() if half(c) is not None)
+        lines.append(f"- {name}: cosine between the backbone gradients of the logit terms and of the feature term, "
+                     f"mean over the second half of training ({row['monitor']['seeds']} seed(s)): {parts}.")
+    for free, logit in CONFLICT_PAIRS:
+        a, b = m.get(free, {}).get("monitor"), m.get(logit, {}).get("monitor")
+        if not a or not b:
+            continue
+        mse_a = [c[-1] for c in a["feature_mse"]]
+        mse_b = [c[-1] for c in b["feature_mse"]]
+        cka_a = [c[-1] for c in a["feature_cka"]]
+        cka_b = [c[-1] for c in b["feature_cka"]]
+        closer = sum(x < y for x, y in zip(mse_a, mse_b))
+        lines.append(f"- {free} vs {logit} (same teacher layers), final epoch, per distilled layer: feature MSE "
+                     f"{', '.join(f'{x:.3f}/{y:.3f}' for x, y in zip(mse_a, mse_b))}; linear CKA "
+                     f"{', '.join(f'{x:.3f}/{y:.3f}' for x, y in zip(cka_a, cka_b))}. Without logit losses the "
+                     f"student is closer to the teacher (lower MSE) at {closer} of {len(mse_a)} layers.")
+    return lines or ["No run of this study was recorded with monitor=True (config key `monitor`)."]
 
 
 def results_markdown(results: dict) -> str:
@@ -689,6 +902,8 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
         log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
         finished.append(path.name)
 
+    if NOTEBOOKS[4] not in {Path(n).name for n in notebooks} and not (run_dir / RESULTS_FILE).exists():
+        return {}                         # a partial series (e.g. notebooks 1-3): no results table yet
     results = json.loads(require_artifact(run_dir / RESULTS_FILE, notebooks[-1]).read_text())
     table = results_markdown(results)
     (run_dir / "results.md").write_text(table)
@@ -730,7 +945,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a preset key or pass a notebook parameter (repeatable)")
     parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="folder holding the notebooks")
-    parser.add_argument("--notebooks", nargs="+", default=list(NOTEBOOKS), metavar="NAME",
+    parser.add_argument("--validate-kq", action="store_true",
+                        help=f"also run {VALIDATION_NOTEBOOK} after the five (the single-layer sweep that tests KQ)")
+    parser.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
                         help="run only these notebooks, in this order (default: all five)")
     parser.add_argument("--kernel", help="Jupyter kernel name (default: the one that runs this Python)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
@@ -749,8 +966,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = {name: parse_value(value) for name, value in args.parameter}
         run_dir = args.run_dir or default_run_dir(preset_name(args.preset))
+        if preset_name(args.preset) in GPU_PRESETS:
+            print(runtime_estimate_text(resolve_config(args.preset, **{k: v for k, v in params.items()
+                                                                       if k in PARAMETERS})), flush=True)
         run_pipeline(run_dir, args.preset, params, notebooks_dir=args.notebooks_dir, kernel_name=args.kernel,
-                     log_output=args.log_output, progress=not args.no_progress, notebooks=args.notebooks)
+                     log_output=args.log_output, progress=not args.no_progress, notebooks=args.notebooks or [*NOTEBOOKS, *([VALIDATION_NOTEBOOK] if args.validate_kq else [])])
     except ValueError as err:
         parser.error(str(err))
     except (NotebookFailed, FileNotFoundError, RuntimeError) as err:

@@ -225,8 +225,10 @@ def plot_history(runs: dict[str, Sequence[Sequence[dict]]], *, title: str | None
     axes[-1].set_title("Accuracy")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # no legend over a curve: one legend, outside the axes on the right
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     if title:
         fig.suptitle(title)
     return fig
@@ -586,4 +588,218 @@ def plot_accuracy_curves(results: dict, *, baseline: str = "ce", methods: Sequen
     ax.grid(alpha=0.3)
     ax.set_title(title or f"{results.get('dataset', '')}: test accuracy per epoch", fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# why logit losses hurt (notebook 5) and whether KQ picks well (notebook 6)
+
+def plot_gradient_conflict(results: dict, *, title: str | None = None) -> Figure:
+    """Per method with logit losses in the backbone and a monitored run: the cosine between the backbone
+    gradients of the logit terms and of the feature term, per stage, against epoch (mean over seeds)."""
+    rows = {m: r["monitor"]["grad_cosine"] for m, r in results["methods"].items()
+            if r.get("monitor", {}).get("grad_cosine")}
+    if not rows:
+        raise ValueError("no method in these results has gradient-cosine measurements; train feature_kd_ce (or "
+                         "fitnets_kd, fitnets_kd_nokl) with distill(..., monitor=True), the pipeline's monitor key.")
+    fig = Figure(figsize=(4.2 * len(rows) + 1.8, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(rows), sharey=True, squeeze=False)[0]
+    colours = sns.color_palette("viridis", max(len(c) for c in rows.values()))
+    for ax, (method, cosines) in zip(axes, rows.items()):
+        epochs = results["methods"][method]["epochs"]
+        for colour, (stage, curve) in zip(colours, cosines.items()):
+            ax.plot(epochs, [np.nan if v is None else v for v in curve], "-o", ms=3, color=colour, label=stage)
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cos(grad logit terms, grad feature term)")
+    axes[-1].legend(title="backbone stage", loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.suptitle(title or "Do the logit and feature losses pull the backbone the same way? (> 0 agree, < 0 conflict)",
+                 fontsize=10)
+    return fig
+
+
+def plot_feature_distance(results: dict, *, metric: str = "feature_mse", title: str | None = None) -> Figure:
+    """Per distilled layer pair (one panel each): the distance of the student's feature to its teacher target
+    against epoch, one line per monitored method (feature_mse through the projector, or feature_cka)."""
+    rows = {m: r["monitor"][metric] for m, r in results["methods"].items() if r.get("monitor", {}).get(metric)}
+    if not rows:
+        raise ValueError(f"no method in these results has {metric!r} measurements; train with "
+                         f"distill(..., monitor=True), the pipeline's monitor key.")
+    from kdutils.distill import REGISTRY
+    pairs = max(len(v) for v in rows.values())
+    fig = Figure(figsize=(3.3 * pairs + 2.2, 3.4), layout="constrained")
+    axes = fig.subplots(1, pairs, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        for method, curves in rows.items():
+            if i < len(curves):
+                free = method in REGISTRY and not REGISTRY[method].ce_backbone
+                ax.plot(results["methods"][method]["epochs"], curves[i], "-" if free else "--", lw=2 if free else 1.4,
+                        label=f"{method}{' (CE-free)' if free else ''}")
+        ax.set_title(f"pair {i + 1} (shallow to deep)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if metric == "feature_mse":
+            ax.set_yscale("log")
+    axes[0].set_ylabel({"feature_mse": "MSE to the teacher target", "feature_cka": "linear CKA with the target"}
+                       .get(metric, metric))
+    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.suptitle(title or "Distance of the distilled student layers to the teacher's, on fixed training batches",
+                 fontsize=10)
+    return fig
+
+
+def plot_value_vs_score(values: pd.DataFrame, scores: pd.DataFrame, score: str = "quality", *,
+                        selected: Sequence[int] = (), title: str | None = None) -> Figure:
+    """Each teacher layer's measured value (validation accuracy of the single-layer sweep, mean +- std over seeds)
+    against a score, the points labelled by layer index and the selected layers circled."""
+    layers = list(values.index)
+    x = scores.loc[layers, score].astype(float).to_numpy()
+    y = 100 * values["value"].to_numpy(dtype=float)
+    err = 100 * values["value_std"].fillna(0).to_numpy(dtype=float)
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    ax.errorbar(x, y, yerr=err if err.any() else None, fmt="o", color="dimgrey", ecolor="silver", capsize=3)
+    for t, xi, yi in zip(layers, x, y):
+        ax.annotate(str(t), (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        if t in set(selected):
+            ax.plot([xi], [yi], "o", ms=13, mfc="none", mec="red", mew=1.5)
+    ax.set_xlabel(KQ_STYLE[score][0] if score in KQ_STYLE else score)
+    ax.set_ylabel("layer's value: student val. accuracy (%)")
+    ax.grid(alpha=0.3)
+    if len(selected):
+        ax.plot([], [], "o", ms=11, mfc="none", mec="red", mew=1.5, label="selected (top-k by this score)")
+        ax.legend(loc="lower right", fontsize=8)
+    ax.set_title(title or "Does the score order the layers by their value as a target?", fontsize=10)
+    return fig
+
+
+def plot_rank_correlations(correlations: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Spearman's rho of each predictor with the layers' measured value, with its bootstrap interval."""
+    order = correlations.sort_values("spearman")
+    fig = Figure(figsize=(6.0, 0.45 * len(order) + 1.4), layout="constrained")
+    ax = fig.add_subplot()
+    y = np.arange(len(order))
+    rho = order["spearman"].to_numpy(dtype=float)
+    lo = rho - order["ci_low"].to_numpy(dtype=float)
+    hi = order["ci_high"].to_numpy(dtype=float) - rho
+    colours = ["dimgrey" if p != "quality" else "red" for p in order.index]
+    ax.barh(y, rho, color=colours, alpha=0.8)
+    ax.errorbar(rho, y, xerr=[np.nan_to_num(lo), np.nan_to_num(hi)], fmt="none", ecolor="black", capsize=3)
+    ax.set_yticks(y, [f"{order.loc[p, 'score']}" for p in order.index])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_xlabel("Spearman's rho with the layer's value (95% bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title or "Which score predicts a teacher layer's value?", fontsize=10)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the CE-free recipe as a picture (notebook 4)
+
+def plot_layer_pairs(teacher_table: pd.DataFrame, student_table: pd.DataFrame, pairs: Sequence[tuple[int, int]], *,
+                     stop_after: int | None = None, title: str | None = None) -> Figure:
+    """The distillation wiring: the teacher's and the student's generalized layers as two columns of boxes (index,
+    module path, per-sample shape), one arrow per (student layer, teacher layer) pair -- the teacher feature is the
+    target of the student feature through a 1x1 projector -- and a stop-gradient bar after the student's layer
+    `stop_after` (default: its deepest distilled layer), below which the head learns by CE on detached features.
+
+    The tables are kdutils.layers.layer_table frames (an "index" column or index, plus "path" and "shape"). Both
+    columns span the same height, so a box's height on the page is its relative depth in its network.
+    Artists carry gids for tests: "layer:teacher:<i>", "layer:student:<i>", "pair:<s>-<t>", "stop-gradient".
+    """
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+
+    def rows(table: pd.DataFrame) -> pd.DataFrame:
+        return (table.set_index("index") if "index" in table.columns else table).sort_index()
+
+    def shape_text(shape) -> str:
+        return "\u00d7".join(str(int(d)) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+
+    def channels(shape) -> int:             # (C, H, W) maps and (C,) vectors: C; ViT tokens (T, W): W
+        return int(shape[-1] if len(shape) == 2 else shape[0])
+
+    teacher, student = rows(teacher_table), rows(student_table)
+    pairs = [(int(s), int(t)) for s, t in pairs]
+    missing = ([f"student layer {s}" for s, _ in pairs if s not in student.index]
+               + [f"teacher layer {t}" for _, t in pairs if t not in teacher.index])
+    if missing:
+        raise ValueError(f"pairs name layers the tables do not have: {', '.join(missing)}.")
+    stop = max(s for s, _ in pairs) if stop_after is None and pairs else stop_after
+    distilled_s, distilled_t = {s for s, _ in pairs}, {t for _, t in pairs}
+    depth = max(len(teacher), len(student), 2) - 1            # both columns span rows 0..depth
+    fig = Figure(figsize=(11, 0.36 * (depth + 1) + 2.0), layout="constrained")
+    ax = fig.add_subplot()
+    box_h = min(0.72, 0.72 * depth / max(len(teacher) - 1, len(student) - 1, 1))
+    xs = {"teacher": (0.3, 3.9), "student": (6.1, 9.7)}        # left, right edge of each column
+
+    def y_of(table: pd.DataFrame, i: int) -> float:
+        position = list(table.index).index(i)
+        return position * depth / max(len(table) - 1, 1)
+
+    def box(role: str, y: float, text: str, face: str, edge: str, gid: str, weight: str = "normal") -> None:
+        left, right = xs[role]
+        ax.add_patch(FancyBboxPatch((left, y - box_h / 2), right - left, box_h,
+                                    boxstyle="round,pad=0,rounding_size=0.08", facecolor=face, edgecolor=edge,
+                                    lw=1.0, gid=gid))
+        ax.text((left + right) / 2, y, text, ha="center", va="center", fontsize=7.5, fontweight=weight,
+                family="monospace", gid=f"{gid}:label")
+
+    for i, row in teacher.iterrows():
+        chosen = i in distilled_t
+        box("teacher", y_of(teacher, i), f"{i:>2}  {row['path']}  {shape_text(row['shape'])}",
+            "#f7dc6f" if chosen else "#eeeeee", "#7d6608" if chosen else "#999999", f"layer:teacher:{i}",
+            "bold" if chosen else "normal")
+    for i, row in student.iterrows():
+        head = stop is not None and i > stop
+        face, edge = ("#fad7a0", "#b9770e") if head else (("#85c1e9", "#1b4f72") if i in distilled_s
+                                                         else ("#d6eaf8", "#5d6d7e"))
+        box("student", y_of(student, i), f"{i:>2}  {row['path']}  {shape_text(row['shape'])}", face, edge,
+            f"layer:student:{i}", "bold" if i in distilled_s else "normal")
+    bottom = depth + 1.1
+    box("teacher", bottom, "classifier \u2192 logits (not used)", "#eeeeee", "#999999", "head:teacher")
+    box("student", bottom, "classifier \u2192 logits \u2192 CE(\u00b7, y)", "#fad7a0", "#b9770e", "head:student",
+        "bold")
+
+    for k, (s, t) in enumerate(sorted(pairs), start=1):
+        ys, yt = y_of(student, s), y_of(teacher, t)
+        ax.add_patch(FancyArrowPatch((xs["teacher"][1], yt), (xs["student"][0], ys), arrowstyle="-|>",
+                                     mutation_scale=12, color="#7d6608", lw=1.4, shrinkA=2, shrinkB=2,
+                                     gid=f"pair:{s}-{t}"))
+        c_s, c_t = channels(student.loc[s, "shape"]), channels(teacher.loc[t, "shape"])
+        x0, x1 = xs["teacher"][1], xs["student"][0]          # the projector sits on its arrow, near the student
+        ax.text(x0 + 0.7 * (x1 - x0), yt + 0.7 * (ys - yt), f"P{k}: 1\u00d71 {c_s}\u2192{c_t}", ha="center",
+                va="center", fontsize=7, color="#7d6608", gid=f"pair:{s}-{t}:label",
+                bbox=dict(boxstyle="round,pad=0.2", facecolor="white", edgecolor="#7d6608", lw=0.6))
+
+    if stop is not None:
+        below = [i for i in student.index if i > stop]
+        y_stop = y_of(student, stop)
+        y_bar = (y_stop + (y_of(student, below[0]) if below else bottom)) / 2
+        y_bar = min(y_bar, y_stop + box_h / 2 + 0.45)
+        left, right = xs["student"]
+        ax.plot([left - 0.15, right + 0.15], [y_bar, y_bar], color="#c0392b", lw=2.2, ls=(0, (4, 2)),
+                gid="stop-gradient")
+        ax.text(right + 0.3, y_bar, f"stop-gradient after layer {stop}\n(head input detached: CE trains only the "
+                                    f"head)", ha="left", va="center", fontsize=8, color="#c0392b",
+                gid="stop-gradient:label")
+        ax.text(right + 0.3, (y_bar + bottom) / 2 + 0.3, "head: learns by CE", ha="left", va="center", fontsize=8,
+                color="#b9770e")
+        ax.text(right + 0.3, y_stop / 2, "backbone: learns only\nfrom the feature MSE", ha="left", va="center",
+                fontsize=8, color="#1b4f72")
+    ax.text(sum(xs["teacher"]) / 2, -1.0, "teacher (frozen)", ha="center", va="center", fontsize=10,
+            fontweight="bold")
+    ax.text(sum(xs["student"]) / 2, -1.0, "student", ha="center", va="center", fontsize=10, fontweight="bold")
+    ax.text(0.3, bottom + 0.75, "Arrow: the teacher layer's feature (pooled to a common size) is the MSE target of "
+                                "the student layer's feature after its 1\u00d71 projector P_i (student \u2192 teacher "
+                                "channels).", ha="left", va="center", fontsize=8, color="#444444")
+    ax.set_xlim(0, 13.4)
+    ax.set_ylim(bottom + 1.1, -1.6)
+    ax.set_axis_off()
+    ax.set_title(title or "Which teacher layer each student layer learns from, and where the gradient stops",
+                 fontsize=10)
     return fig

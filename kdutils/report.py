@@ -29,7 +29,7 @@ FIGURES = {  # output name: (file under RUN_DIR/figures, what it shows)
 }
 
 
-def _write_atomic(path: Path, write: Callable[[object], None], mode: str = "wb") -> Path:
+def write_atomic(path: Path, write: Callable[[object], None], mode: str = "wb") -> Path:
     """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -46,9 +46,9 @@ def _write_atomic(path: Path, write: Callable[[object], None], mode: str = "wb")
     return path
 
 
-def _save_figure(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     """Save a figure as PNG at DPI, atomically."""
-    return _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
+    return write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=DPI))
 
 
 def _figures(results: dict) -> dict[str, Figure]:
@@ -80,9 +80,9 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     except (KeyError, ValueError, TypeError) as err:
         detail = f"missing key {err}" if isinstance(err, KeyError) else str(err)
         raise ValueError(f"{source}: {detail}") from err
-    paths = {"results_md": _write_atomic(run_dir / "results.md", lambda f: f.write(table), mode="w")}
+    paths = {"results_md": write_atomic(run_dir / "results.md", lambda f: f.write(table), mode="w")}
     for name, fig in figures.items():
-        paths[name] = _save_figure(fig, run_dir / "figures" / FIGURES[name][0])
+        paths[name] = save_figure(fig, run_dir / "figures" / FIGURES[name][0])
     return paths
 
 

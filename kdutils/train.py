@@ -53,12 +53,17 @@ class TrainingDiverged(RuntimeError):
     """A training run's loss became non-finite or grew far above its start; nothing of it was saved."""
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether a CUDA device computes bf16 natively (compute capability 8.0+: A100, H100, L4, RTX 30xx/40xx); a
+    T4 or V100 only emulates it, slowly, so mixed precision uses fp16 with a gradient scaler there."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 where supported, else fp16); a no-op on the CPU or when not `enabled`."""
+    """Mixed precision on CUDA (bf16 where native, else fp16); a no-op on the CPU or when not `enabled`."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if native_bf16(device) else torch.float16)
 
 
 def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -154,8 +159,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated/corrupt file or a pickle that is not plain data
-        raise RuntimeError(f"could not read checkpoint {path} ({type(e).__name__}: {e}); "
-                           "delete it and train again.") from e
+        detail = " ".join(str(e).split())                  # torch's message spans lines: keep it on one
+        raise RuntimeError(f"could not read checkpoint {path}: delete it and train again ({type(e).__name__}: "
+                           f"{detail[:400]}{'...' if len(detail) > 400 else ''})") from e
 
 
 def model_name(model: nn.Module) -> str:
@@ -195,12 +201,19 @@ def _maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     return torch.compile(model)
 
 
+def _short(path: str | Path) -> str:
+    """A checkpoint as progress lines name it: its folder and file name (no machine path in notebook outputs)."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 128,
         weight_decay: float = 0.01, seed: int = 0, augment: bool = False, loss_fn: LossFn | None = None,
         extra: nn.Module | None = None, checkpoint: str | Path | None = None, meta: dict | None = None,
         device: torch.device | str | None = None, progress: bool = True, desc: str = "train",
         backbone_lr_scale: float = 1.0, amp: bool = True, compile_model: bool = False,
-        lr_name: str = "lr", schedule: str = "onecycle") -> list[dict]:
+        lr_name: str = "lr", schedule: str = "onecycle",
+        on_epoch_end: Callable[[int, nn.Module, dict], None] | None = None) -> list[dict]:
     """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history.
 
     `backbone_lr_scale` < 1 gives everything but the classifier (models.head_parameters) that fraction of the peak
@@ -210,7 +223,9 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch, the step and the
     learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so no diverged state
     is ever saved. `schedule="long"` is the "+240E" baselines' recipe instead: SGD (momentum 0.9) at `lr`, x0.1 at
-    epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs.
+    epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs. `on_epoch_end(epoch,
+    model, row)`, if given, runs after each epoch's evaluation and may add entries to that epoch's history row
+    before it is checkpointed (distill records its loss terms and optional measurements this way).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -244,7 +259,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
                                                     pct_start=ONE_CYCLE_PCT_START)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not torch.cuda.is_bf16_supported())
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not native_bf16(device))
     config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
               "augment": augment, "num_train": data.num_train, "dataset": data.name,
               "model": model_name(model), "num_classes": data.num_classes}
@@ -271,12 +286,12 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         history = list(ck["history"])
         reference = ck.get("loss_reference")
         if ck["epoch"] >= epochs:
-            print(f"{desc}: reusing finished checkpoint {checkpoint} "
+            print(f"{desc}: reusing finished checkpoint {_short(checkpoint)} "
                   f"({epochs} epochs, test acc {history[-1]['test_acc']:.4f})")
             return history
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
-        print(f"{desc}: resuming {checkpoint} after epoch {ck['epoch']} of {epochs}")
+        print(f"{desc}: resuming {_short(checkpoint)} after epoch {ck['epoch']} of {epochs}")
 
     net = _maybe_compile(model, compile_model)
     compiled_ran = False      # after one good compiled step, errors are the model's, not the compiler's
@@ -340,6 +355,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         row = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
                "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0],
                "params": sum(p.numel() for p in model.parameters())}     # of the network that predicts
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model, row)
         history.append(row)
         print(f"{desc} epoch {epoch}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
               f"test acc {test_acc:.4f}  ({row['seconds']:.1f}s)", flush=True)

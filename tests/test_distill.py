@@ -524,3 +524,75 @@ def test_semckd_loss_weights_pairs_by_attention():
     loss.backward()
     assert all(p.grad is not None for p in modules["query"].parameters())
     assert all(p.grad is not None for p in modules["key"].parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loss terms per epoch and the monitor (gradient conflict, distance to the teacher)
+
+def test_linear_cka_and_gradient_cosine_known_values():
+    from kdutils.distill import _cosine, linear_cka
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 20, generator=gen)
+    q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen))
+    assert linear_cka(x, 3.0 * x @ q + 5.0) == pytest.approx(1.0, abs=1e-9)   # invariant to rotation, scale, shift
+    assert linear_cka(x, torch.randn(64, 20, generator=gen)) < 0.5             # unrelated features
+    assert linear_cka(x, torch.zeros(64, 20)) != linear_cka(x, torch.zeros(64, 20))   # NaN: a constant feature
+    a, b = [torch.tensor([1.0, 0.0]), torch.tensor([2.0])], [torch.tensor([1.0, 1.0]), torch.tensor([-2.0])]
+    # <a, b> = 1 - 4 = -3, |a| = sqrt(5), |b| = sqrt(6)
+    assert _cosine(a, b) == pytest.approx(-3 / math.sqrt(30))
+    assert _cosine([torch.zeros(2), None], b) is None
+
+
+def test_stage_parameters_partition_the_backbone():
+    from kdutils.distill import stage_parameters
+    from kdutils.layers import split_at_layer
+    model = build_model(STUDENT, 10)
+    stages = stage_parameters(model, standard_layers(STUDENT))
+    assert list(stages) == [f"layer {i}" for i in standard_layers(STUDENT)]
+    ids = [id(p) for params in stages.values() for p in params]
+    assert len(ids) == len(set(ids))                              # disjoint
+    names = dict(model.named_parameters())
+    backbone = {id(names[n]) for n in split_at_layer(model, max(standard_layers(STUDENT)))[0]}
+    assert set(ids) == backbone and all(stages.values())          # every backbone parameter, no empty stage
+
+
+def test_monitor_measures_without_changing_the_run(tiny, teacher):
+    kw = dict(teacher_layers=SMALL_LAYERS, teacher_name=SMALL, epochs=2, lr=0.005, seed=1, batch_size=8,
+              progress=False, device="cpu")
+    plain = distill(teacher, STUDENT, tiny, "feature_kd_ce", **kw)
+    watched = distill(teacher, STUDENT, tiny, "feature_kd_ce", monitor=True, **kw)
+    assert [r["loss"] for r in plain] == [r["loss"] for r in watched]          # bit-identical training
+    assert [r["test_acc"] for r in plain] == [r["test_acc"] for r in watched]
+    for row in watched:
+        assert set(row["terms"]) == {"ce", "feature"}
+        assert row["terms"]["ce"] + row["terms"]["feature"] == pytest.approx(row["loss"], rel=1e-5)
+        m = row["monitor"]
+        assert len(m["feature_mse"]) == len(m["feature_cka"]) == 4 and all(v > 0 for v in m["feature_mse"])
+        assert list(m["grad_cosine"]) == [f"layer {i}" for i in standard_layers(STUDENT)]
+        assert all(-1 <= c <= 1 for c in m["grad_cosine"].values())
+    free = distill(teacher, STUDENT, tiny, "feature_kd", monitor=True, **kw)
+    assert "grad_cosine" not in free[-1]["monitor"]       # no CE in a CE-free backbone: nothing to compare
+    with pytest.raises(ValueError, match="monitor measures methods with paired"):
+        distill(teacher, STUDENT, tiny, "sp_kd", monitor=True, **{**kw, "teacher_layers": None})
+
+
+def test_monitor_cosine_matches_a_direct_computation(tiny, teacher):
+    """One fixed batch, one epoch at lr 0 (the weights do not move): the recorded cosine per stage equals the cosine
+    of the CE and feature gradients computed directly on that batch."""
+    from kdutils.distill import _cosine, stage_parameters
+    seed_everything(0)
+    student = build_model(STUDENT, 10)
+    history = distill(teacher, student, tiny, "feature_kd_ce", teacher_layers=SMALL_LAYERS, teacher_name=SMALL,
+                      student_name=STUDENT, epochs=1, lr=1e-12, seed=0, batch_size=16, progress=False,
+                      device="cpu", monitor=1, cache_budget_mb=0)
+    terms: dict = {}
+    with distill_loss(teacher, student, tiny, "feature_kd_ce", teacher_layers=SMALL_LAYERS,
+                      student_layers=standard_layers(STUDENT), seed=0, record=terms, device="cpu", progress=False,
+                      cache_budget_mb=0) as (loss_fn, _):
+        xb, yb, idx = one_batch(tiny, 16)
+        student.train()
+        loss_fn(student, xb, yb, idx)
+        for name, params in stage_parameters(student, standard_layers(STUDENT)).items():
+            g_ce = torch.autograd.grad(terms["ce"], params, retain_graph=True, allow_unused=True)
+            g_f = torch.autograd.grad(terms["feature"], params, retain_graph=True, allow_unused=True)
+            assert history[0]["monitor"]["grad_cosine"][name] == pytest.approx(_cosine(g_ce, g_f), abs=1e-4)

@@ -84,6 +84,20 @@ def test_auto_is_quick_on_cpu_and_cifar10_with_cuda(monkeypatch):
     assert resolve_config("auto")["preset"] == "cifar10"
 
 
+def test_auto_is_colab_on_colab(monkeypatch, capsys):
+    import types
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))   # simulated Colab
+    assert resolve_config()["preset"] == "colab" and resolve_config(colab=False)["preset"] == "quick"
+    colab = resolve_config("colab")
+    assert (colab["dataset"], colab["pair"], colab["pretrained"], colab["per_class"]) == \
+        ("cifar10", "resnet34-resnet9", True, None)
+    assert 1 <= len(colab["seeds"]) <= 2 and colab["teacher_epochs"] < 50 and colab["student_epochs"] < 50
+    # the CLI prints the (labelled) estimate of a GPU preset before it starts
+    assert main(["--preset", "cifar10", "--notebooks-dir", "/nonexistent"]) == 1
+    assert "Estimated time of the whole series for preset cifar10 (an estimate, NOT measured" in \
+        capsys.readouterr().out
+
+
 def test_overrides_apply_and_leave_presets_untouched():
     config = resolve_config("quick", student_epochs=2, seeds=(1, 2), teacher_lr=1, per_class=50)
     assert config["student_epochs"] == 2 and config["seeds"] == [1, 2] and config["per_class"] == 50
@@ -265,7 +279,8 @@ def test_parse_value_rejects_broken_lists():
 def test_cli_arguments():
     args = pipeline.build_parser().parse_args(["-p", "seeds", "[0,1]", "-p", "student_epochs", "2",
                                                "--run-dir", "runs/x"])
-    assert args.preset == "auto" and args.run_dir == Path("runs/x") and list(args.notebooks) == list(pipeline.NOTEBOOKS)
+    assert args.preset == "auto" and args.run_dir == Path("runs/x") and args.notebooks is None   # the five
+    assert not args.validate_kq and pipeline.build_parser().parse_args(["--validate-kq"]).validate_kq
     assert {k: parse_value(v) for k, v in args.parameter} == {"seeds": [0, 1], "student_epochs": 2}
     with pytest.raises(SystemExit):
         pipeline.build_parser().parse_args(["--preset", "imagenet"])
@@ -348,9 +363,9 @@ def test_relative_dataset_paths_are_resolved_from_the_callers_directory(tmp_path
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, folder / "p.ipynb")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError):  # p.ipynb writes no results.json, which is checked after the run
-        run_pipeline(tmp_path / "run", "quick", {"dataset": "sub/x.npz", "data_root": "datasets"},
-                     notebooks_dir=folder, notebooks=["p.ipynb"], progress=False)
+    # a partial series (no notebook 5) writes no results.json and returns no table
+    assert run_pipeline(tmp_path / "run", "quick", {"dataset": "sub/x.npz", "data_root": "datasets"},
+                        notebooks_dir=folder, notebooks=["p.ipynb"], progress=False) == {}
     seen = json.loads((tmp_path / "run" / "p.json").read_text())
     assert seen == {"dataset": str(tmp_path / "sub" / "x.npz"), "data_root": str(tmp_path / "datasets")}
     same = {"dataset": "cifar10", "data_root": "/abs/data"}
@@ -436,3 +451,32 @@ def test_long_schedule_recipe():
     assert pipeline.student_recipe(resolve_config("quick"))["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         resolve_config("quick", schedule="cosine")
+
+
+def _row(epoch, acc, cos=None, mse=(0.5, 0.4)):
+    monitor = {"feature_mse": list(mse), "feature_cka": [0.9, 0.8]}
+    if cos is not None:
+        monitor["grad_cosine"] = {"layer 1": cos, "layer 2": -cos}
+    return {"epoch": epoch, "loss": 1.0, "train_acc": acc, "test_acc": acc, "seconds": 1.0,
+            "terms": {"ce": 0.6, "feature": 0.4}, "monitor": monitor}
+
+
+def test_training_curves_and_conflict_summary():
+    from kdutils.pipeline import conflict_summary
+    runs = {"feature_kd": [[_row(1, 0.5, mse=(0.3, 0.2)), _row(2, 0.6, mse=(0.2, 0.1))],
+                           [_row(1, 0.5, mse=(0.5, 0.4)), _row(2, 0.6, mse=(0.4, 0.3))]],
+            "feature_kd_ce": [[_row(1, 0.5, 0.2), _row(2, 0.7, -0.1)], [_row(1, 0.5, 0.4), _row(2, 0.7, 0.3)]],
+            "ce": [[{"epoch": 1, "loss": 1, "train_acc": 0.5, "test_acc": 0.5, "seconds": 1.0}] * 2] * 2}
+    res = summarize_runs(runs, teacher={"model": "t", "test_acc": 0.9}, preset="quick", dataset="digits")
+    free = res["methods"]["feature_kd"]
+    assert free["terms"] == {"ce": [0.6, 0.6], "feature": [0.4, 0.4]}
+    assert free["monitor"]["feature_mse"] == [pytest.approx([0.4, 0.3]), pytest.approx([0.3, 0.2])]  # [pair][epoch]
+    assert "grad_cosine" not in free["monitor"] and free["monitor"]["seeds"] == 2
+    cos = res["methods"]["feature_kd_ce"]["monitor"]["grad_cosine"]
+    assert cos["layer 1"] == pytest.approx([0.3, 0.1]) and cos["layer 2"] == pytest.approx([-0.3, -0.1])
+    assert "monitor" not in res["methods"]["ce"] and "terms" not in res["methods"]["ce"]
+    text = "\n".join(conflict_summary(res))
+    assert "feature_kd_ce: cosine" in text and "layer 1 +0.100, layer 2 -0.100" in text   # second half: epoch 2
+    assert "feature_kd vs feature_kd_ce" in text and "closer to the teacher (lower MSE) at 2 of 2 layers" in text
+    assert conflict_summary({"methods": {"ce": res["methods"]["ce"]}}) == [
+        "No run of this study was recorded with monitor=True (config key `monitor`)."]

@@ -1,4 +1,4 @@
-"""End to end: the five notebooks run headless with papermill, on the quick preset and on the shared CIFAR-10 npz."""
+"""End to end: the six notebooks run headless with papermill, on the quick preset and on the shared CIFAR-10 npz."""
 import json
 
 import nbformat
@@ -7,7 +7,10 @@ import torch
 from kdutils import report
 from kdutils.layers import layer_table
 from kdutils.models import build_model
-from kdutils.pipeline import NOTEBOOKS, resolve_config, run_pipeline
+from kdutils.layers import generalized_layer_count
+from kdutils.pipeline import NOTEBOOKS, VALIDATION_NOTEBOOK, resolve_config, run_pipeline
+
+SERIES = (*NOTEBOOKS, VALIDATION_NOTEBOOK)
 from kdutils.train import load_checkpoint
 
 RESULT_KEYS = {"final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "seeds", "seconds"}
@@ -41,20 +44,41 @@ def check_run(run_dir, preset, dataset, params=None):
         assert [tuple(w.shape) for w in weights] == [(t_shapes[t][0], s_shapes[s][0], 1, 1) for s, t in
                                                      zip(selection["student_layers"], t_layers)], method
         assert all(torch.isfinite(w).all() for w in weights)
-    for name in NOTEBOOKS:
+    for name in SERIES:
         nb = nbformat.read(run_dir / "executed" / name, as_version=4)
         errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors[0]['ename']}: {errors[0]['evalue']}"
         assert nb.cells and all(c.get("execution_count") for c in nb.cells if c.cell_type == "code"), name
     for artifact in ("teacher.pt", "teacher_metrics.json", "kq_layers.json", "results.md", "manifests"):
         assert (run_dir / artifact).exists(), artifact
+    check_validation(results["kq_validation"], config)
     return results
+
+
+def check_validation(block, config):
+    """Notebook 6's block: a value for every teacher layer, every predictor's rho in [-1, 1], the selections
+    trained with the configured seeds, the paper's Q selection among them."""
+    swept = (list(range(generalized_layer_count(config["teacher"]))) if config["validation_layers"] == "all"
+             else sorted(config["validation_layers"]))
+    assert sorted(map(int, block["layer_values"])) == swept
+    assert all(0 <= v["value"] <= 1 and v["seeds"] == config["validation_seeds"] for v in block["layer_values"].values())
+    assert {"quality", "separation", "information", "efficiency", "sqrt_ie", "probe_acc", "depth"} <= set(
+        block["correlations"])
+    assert all(-1 <= c["spearman"] <= 1 for c in block["correlations"].values() if c["spearman"] is not None)
+    assert block["seeds"] == config["seeds"][:config["validation_seeds"]] and block["epochs"] == config["validation_epochs"]
+    chosen = {name for row in block["selection_accuracy"] for name in row["chosen by"].split(", ")}
+    assert set(block["selections"]) == chosen and all(len(v) == config["k"] for v in block["selections"].values())
 
 
 def test_quick_pipeline(tmp_path):
     run_dir = tmp_path / "quick"
-    run_pipeline(run_dir, "quick", progress=False)
-    results = check_run(run_dir, "quick", "digits")
+    # the quick preset, shortened (nbval runs it in full)
+    params = {"teacher_epochs": 3, "student_epochs": 2, "validation_layers": [3, 5, 7, 9]}
+    run_pipeline(run_dir, "quick", params, progress=False, notebooks=SERIES)
+    results = check_run(run_dir, "quick", "digits", params)
+    monitor = results["methods"]["feature_kd_ce"]["monitor"]      # the gradient conflict, recorded in notebook 5
+    assert len(monitor["grad_cosine"]) == 4 and len(monitor["feature_mse"]) == 4
+    assert "grad_cosine" not in results["methods"]["feature_kd"]["monitor"]
     assert results["teacher"]["test_acc"] > 0.9  # digits is easy: chance is 0.1, a broken teacher would show here
     assert all(row["final_acc_mean"] > 0.5 for row in results["methods"].values())   # every student learned
     manifest = json.loads((run_dir / "manifests" / "01_train_teacher.json").read_text())
@@ -70,6 +94,7 @@ def test_pipeline_on_shared_cifar10_npz(tmp_path, shared_npz):
     run_dir = tmp_path / "npz"
     params = {"dataset": str(shared_npz), "per_class": 30, "teacher_epochs": 1, "student_epochs": 1,
               "kq_samples": 300, "k": 2, "seeds": [0, 1], "methods": ["ce", "hinton_kd", "feature_kd",
-                                                                      "standard_layers"]}
-    run_pipeline(run_dir, "quick", params, progress=False)
+                                                                      "standard_layers"],
+              "validation_epochs": 1, "validation_seeds": 1, "validation_layers": [2, 5, 8]}
+    run_pipeline(run_dir, "quick", params, progress=False, notebooks=SERIES)
     check_run(run_dir, "quick", "cifar10-subset", params)

@@ -198,3 +198,61 @@ def test_main_writes_each_run_dir(tmp_path, results, capsys):
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 4 and (tmp_path / "a" / "figures" / "accuracy_curves.png").is_file()
     assert len(err.strip().splitlines()) == 1 and "not valid JSON" in err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# gradient conflict, feature distance, and notebook 6's figures
+
+def _monitored() -> dict:
+    row = lambda e, cos, mse: {"epoch": e, "loss": 1.0, "train_acc": 0.5, "test_acc": 0.5, "seconds": 1.0,  # noqa: E731
+                               "monitor": {"feature_mse": mse, "feature_cka": [0.9, 0.8],
+                                           **({"grad_cosine": {"layer 1": cos, "layer 2": None}} if cos else {})}}
+    runs = {"feature_kd": [[row(1, None, [0.3, 0.2]), row(2, None, [0.2, 0.1])]],
+            "feature_kd_ce": [[row(1, 0.2, [0.4, 0.3]), row(2, -0.1, [0.35, 0.3])]]}
+    return summarize_runs(runs, teacher={"model": "t", "test_acc": 0.9}, preset="quick", dataset="digits")
+
+
+def test_gradient_conflict_and_feature_distance_plots():
+    from kdutils.plots import plot_feature_distance, plot_gradient_conflict
+    res = _monitored()
+    fig = plot_gradient_conflict(res)
+    ax = fig.axes[0]
+    assert ax.get_title() == "feature_kd_ce" and len(fig.axes) == 1           # only methods with CE in the backbone
+    lines = [ln for ln in ax.get_lines() if ln.get_label() in ("layer 1", "layer 2")]
+    assert list(lines[0].get_ydata()) == pytest.approx([0.2, -0.1])
+    assert np.isnan(lines[1].get_ydata()).all()                             # no gradient: a gap, not a zero
+    fig = plot_feature_distance(res)
+    assert len(fig.axes) == 2
+    styles = {ln.get_label(): ln.get_linestyle() for ln in fig.axes[0].get_lines()}
+    assert styles == {"feature_kd (CE-free)": "-", "feature_kd_ce": "--"}
+    assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.2, 0.1])
+    with pytest.raises(ValueError, match="monitor=True"):
+        plot_gradient_conflict({"methods": {"feature_kd": {"monitor": {"feature_mse": [[1.0]]}}}})
+
+
+def test_value_vs_score_and_rank_correlation_plots():
+    import pandas as pd
+    from kdutils.plots import plot_rank_correlations, plot_value_vs_score
+    values = pd.DataFrame({"value": [0.3, 0.6, 0.5], "value_std": [0.01, np.nan, 0.02]}, index=[0, 1, 2])
+    scores = pd.DataFrame({"quality": [0.1, 0.5, 0.9]}, index=[0, 1, 2])
+    fig = plot_value_vs_score(values, scores, "quality", selected=[1, 2])
+    assert {"0", "1", "2"} <= set(_texts(fig))
+    rings = [ln for ln in fig.axes[0].get_lines() if ln.get_markeredgecolor() == "red" and len(ln.get_xdata())]
+    assert sorted(float(ln.get_xdata()[0]) for ln in rings) == pytest.approx([0.5, 0.9])
+    corr = pd.DataFrame({"score": ["Q", "depth"], "spearman": [0.5, -0.2], "ci_low": [0.1, -0.6],
+                         "ci_high": [0.8, 0.3]}, index=["quality", "depth"])
+    fig = plot_rank_correlations(corr)
+    bars = sorted(p.get_width() for p in fig.axes[0].patches)
+    assert bars == pytest.approx([-0.2, 0.5]) and fig.axes[0].get_xlim() == pytest.approx((-1.05, 1.05))
+
+
+def test_history_plot_integer_epochs_and_legend_outside():
+    from kdutils.plots import plot_history
+    hist = [{"epoch": e, "loss": 1.0 / e, "train_acc": 0.5 + 0.1 * e, "test_acc": 0.4 + 0.1 * e} for e in (1, 2, 3)]
+    fig = plot_history({"a": [hist], "b": [hist]})
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[-1].get_xticks() if fig.axes[-1].get_xlim()[0] <= t <= fig.axes[-1].get_xlim()[1]]
+    assert all(float(t).is_integer() for t in ticks)
+    legend = fig.axes[-1].get_legend()
+    box, axes_box = legend.get_window_extent(), fig.axes[-1].get_window_extent()
+    assert box.x0 >= axes_box.x1 and fig.axes[0].get_legend() is None     # beside the axes, not over a curve

@@ -1,0 +1,628 @@
+"""The paper's grid on Ray: datasets x teacher-student pairs x methods x seeds, spread over GPUs and machines.
+
+    python -m kdutils.sweep --preset cifar10 --datasets cifar10 cifar100 --pairs resnet34-resnet9 vgg19-vgg11 \
+        --seeds 0 1 2 [--address auto] [--root runs/sweep]
+
+Needs the optional extra `pip install -e ".[sweep]"` (Ray; `.[dev]` includes it). For every (dataset, pair)
+combination, notebooks 1-3 (teacher, geometry, KQ) run once, headless, into ROOT/<dataset>/<pair>/ as one Ray task
+(one GPU, or --teacher-threads CPU threads). Then every (method, seed) student run is its own Ray task with a GPU
+share (--gpus-per-student, fractional for small students) or --threads CPU threads, and makes exactly notebook 5's
+`distill` call, writing the same checkpoint (RUN_DIR/students/<method>-seed<seed>.pt): a sweep and the notebook
+share, resume and reuse each other's runs.
+
+Teacher features: one Ray task per combination runs the teacher once over the train split and builds the feature
+and logit cache of every method that needs one (the cache notebook 5 shares between its runs); it goes into Ray's
+object store, which copies it at most once to each node, where every student task of that combination maps the
+same shared memory (zero-copy) instead of running the teacher again. On a GPU a student task copies it onto its
+GPU when it fits in 60% of the free memory (distill's own rule), else reads it from the node's shared memory.
+
+Resumable: a rerun skips combinations whose notebooks 1-3 finished with the same settings (their manifest says so)
+and reuses finished student checkpoints; an interrupted student resumes after its last epoch. A failing task is
+reported with its combination, method, seed and error, and the others go on. Collected: ROOT/sweep.json and
+ROOT/sweep.md hold the grid (rows dataset x pair, columns methods, mean ± std over seeds, gain over CE),
+ROOT/figures/<dataset>.png the paper-format figure per dataset, and each combination's folder its own
+results.json / results.md / figures like the sequential pipeline's.
+
+Every node must see ROOT and the data folder at the same path (one machine, or a shared filesystem such as NFS):
+Ray moves the teacher cache between nodes, not checkpoints. Ray itself is imported only when a sweep runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kdutils import pipeline
+from kdutils.distill import REGISTRY, distill, distill_loss, layer_arguments, simkd_student
+from kdutils.pipeline import NOTEBOOKS, PAIRS, PARAMETERS, PRESETS, RESULTS_FILE
+from kdutils.report import save_figure, write_atomic
+
+SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
+TEACHER_NOTEBOOKS = NOTEBOOKS[:3]          # teacher, geometry, KQ: once per combination
+TEACHER_ARTIFACTS = ("teacher.pt", "teacher_metrics.json", "kq_layers.json")
+SWEPT_KEYS = ("dataset", "pair", "seeds")  # set by --datasets, --pairs and --seeds, not by -p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the grid
+
+def dataset_label(dataset: str) -> str:
+    """A dataset's name in folders and tables: the name itself, or an .npz file's stem."""
+    return Path(dataset).stem if dataset.lower().endswith(".npz") or "/" in dataset else dataset
+
+
+def combination_dir(root: str | Path, dataset: str, pair: str) -> Path:
+    """The run directory of one (dataset, pair) combination: ROOT/<dataset>/<pair>."""
+    return Path(root) / dataset_label(dataset) / pair
+
+
+def sweep_cells(root: str | Path, preset: str, datasets: Sequence[str], pairs: Sequence[str],
+                seeds: Sequence[int], params: dict) -> list[dict]:
+    """One cell per (dataset, pair): its label, run_dir, the notebook parameters and the resolved config."""
+    clash = sorted(set(SWEPT_KEYS) & set(params))
+    if clash:
+        raise ValueError(f"set {', '.join(clash)} with --datasets / --pairs / --seeds, not with -p.")
+    unknown = sorted(set(pair for pair in pairs) - set(PAIRS))
+    if unknown:
+        raise ValueError(f"unknown pair(s) {', '.join(unknown)}; choose from: {', '.join(PAIRS)}.")
+    labels = [dataset_label(d) for d in datasets]
+    if len(set(labels)) < len(labels) or len(set(pairs)) < len(pairs):
+        raise ValueError(f"datasets {list(datasets)} or pairs {list(pairs)} repeat one; list each once.")
+    cells = []
+    for dataset in datasets:
+        for pair in pairs:
+            overrides = pipeline.absolute_paths({**params, "dataset": dataset, "pair": pair, "seeds": list(seeds)})
+            config = pipeline.resolve_config(preset, **{k: v for k, v in overrides.items() if k in PARAMETERS})
+            cells.append({"dataset": dataset_label(dataset), "pair": pair, "key": f"{dataset_label(dataset)}/{pair}",
+                          "run_dir": str(combination_dir(root, dataset, pair).resolve()),
+                          "params": overrides, "config": config})
+    return cells
+
+
+def student_checkpoint(run_dir: str | Path, method: str, seed: int) -> Path:
+    """Where notebook 5 (and the sweep) keep a student run: RUN_DIR/students/<method>-seed<seed>.pt."""
+    return Path(run_dir) / "students" / f"{method}-seed{seed}.pt"
+
+
+def checkpoint_finished(path: str | Path, epochs: int) -> bool:
+    """Whether a student checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished)."""
+    from kdutils.train import load_checkpoint
+    if not Path(path).is_file():
+        return False
+    try:
+        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
+    except (RuntimeError, OSError):
+        return False
+
+
+def needs_teacher_cache(method: str, config: dict) -> bool:
+    """Whether a method's students read the teacher cache (features or logits, and no augmentation)."""
+    spec = REGISTRY[method]
+    return (spec.features or spec.kl) and not config["augment"]
+
+
+def teacher_done(run_dir: str | Path, config: dict) -> bool:
+    """Whether notebooks 1-3 already ran in run_dir with the settings they read from `config` (per their manifest)."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "manifests" / f"{Path(TEACHER_NOTEBOOKS[-1]).stem}.json"
+    if not manifest.is_file() or not all((run_dir / name).is_file() for name in TEACHER_ARTIFACTS):
+        return False
+    try:
+        saved = json.loads(manifest.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, OSError):
+        return False
+    keys = set().union(*(pipeline.notebook_parameters(pipeline.NOTEBOOKS_DIR / nb) for nb in TEACHER_NOTEBOOKS))
+    keys = (keys & set(PARAMETERS)) | {"teacher", "student", "image_size"}
+    for key in sorted(keys):
+        if key == "seeds":       # notebooks 1-3 use the first seed only
+            same = saved.get("seeds", [None])[:1] == config["seeds"][:1]
+        elif key == "pretrained":
+            same = saved.get("pretrained_requested", saved.get("pretrained")) == config["pretrained"]
+        else:
+            same = saved.get(key) == config.get(key)
+        if not same:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Ray tasks' bodies (plain functions; run_sweep wraps them with ray.remote)
+
+def _check_visible(run_dir: Path) -> None:
+    """Refuse to run on a node that does not see the combination's run_dir (no shared filesystem)."""
+    missing = [name for name in TEACHER_ARTIFACTS if not (run_dir / name).is_file()]
+    if missing:
+        import socket
+        raise FileNotFoundError(f"{', '.join(missing)} not found in {run_dir} on node {socket.gethostname()}: the "
+                                f"sweep root must be on a filesystem every Ray node mounts at the same path (NFS), "
+                                f"and notebooks 1-3 must have finished there.")
+
+
+def _set_threads(threads: int) -> None:
+    """Limit this task's torch to `threads` intra-op threads (results depend on the thread count on the CPU)."""
+    torch.set_num_threads(threads)
+
+
+def prepare_combination(run_dir: str, preset: str, params: dict, threads: int) -> dict:
+    """Ray task: run notebooks 1-3 (teacher, geometry, KQ) headless into run_dir; return their wall time."""
+    start = time.perf_counter()
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)     # the notebooks' kernels inherit it
+    try:
+        pipeline.run_pipeline(run_dir, preset, params, progress=False, notebooks=TEACHER_NOTEBOOKS)
+    except FileNotFoundError as err:    # run_pipeline ends by reading results.json, which notebook 5 writes
+        if RESULTS_FILE not in str(err) or not all((Path(run_dir) / n).is_file() for n in TEACHER_ARTIFACTS):
+            raise
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
+    return {"seconds": time.perf_counter() - start}
+
+
+def _load_combination(run_dir: Path, config: dict, data_root: str, device: torch.device) -> tuple:
+    """Notebook 5's inputs: kq_layers.json's selection, the dataset and the trained teacher."""
+    from kdutils.train import load_model
+    _check_visible(run_dir)
+    selection = json.loads((run_dir / "kq_layers.json").read_text())
+    data = pipeline.series_data(config, data_root)     # as notebooks 1-5: without the validation split
+    teacher = load_model(run_dir / "teacher.pt", device, expect_model=config["teacher"],
+                         num_classes=data.num_classes, role="teacher")
+    return selection, data, teacher
+
+
+def _map_arrays(obj: Any, convert: Callable[[Any], Any], kind: type) -> Any:
+    """`obj` with every `kind` value inside its dicts and lists replaced by convert(value)."""
+    if isinstance(obj, kind):
+        return convert(obj)
+    if isinstance(obj, dict):
+        return {k: _map_arrays(v, convert, kind) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_arrays(v, convert, kind) for v in obj]
+    return obj
+
+
+def build_teacher_cache(run_dir: str, config: dict, methods: Sequence[str], data_root: str, device: str,
+                        threads: int, cache_mb: float | None) -> dict:
+    """Ray task: one teacher pass building the feature/logit cache of `methods`, returned as numpy arrays."""
+    from kdutils.distill import _resolve_layers
+    from kdutils.models import build_model
+    from kdutils.train import seed_everything
+    _set_threads(threads)
+    device = torch.device(device)
+    selection, data, teacher = _load_combination(Path(run_dir), config, data_root, device)
+    teacher.eval().requires_grad_(False)
+    cache: dict = {}
+    seed = config["seeds"][0]
+    for method in methods:           # distill's own set-up, without training
+        spec = REGISTRY[method]
+        layers = layer_arguments(method, selection)
+        s_layers, t_layers = _resolve_layers(method, spec, teacher, data, layers.get("teacher_layers"),
+                                             layers.get("student_layers"), config["teacher"], config["student"],
+                                             cache, device, False)
+        seed_everything(seed)
+        student = build_model(config["student"], data.num_classes, data.image_size)
+        if spec.feature == "simkd":
+            s_layers, t_layers = s_layers[-1:], t_layers[-1:]
+            student = simkd_student(teacher, student, s_layers[0], t_layers[0], data.image_size, seed)
+        with distill_loss(teacher, student, data, method, teacher_layers=t_layers, student_layers=s_layers,
+                          seed=seed, augment=config["augment"], cache=cache, cache_budget_mb=cache_mb,
+                          device=device, batch_size=config["batch_size"], progress=False):
+            pass
+    return _map_arrays(cache, lambda t: t.cpu().numpy(), torch.Tensor)
+
+
+def _cache_on(stored: dict, device: torch.device) -> dict:
+    """A task's cache from the object store's numpy arrays: zero-copy on the CPU, on the GPU when it fits."""
+    import numpy as np
+    with warnings.catch_warnings():  # the object store's arrays are read-only; the cache only reads them
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        cache = _map_arrays(stored, torch.from_numpy, np.ndarray)
+    if device.type == "cuda":
+        mb = sum(e.get("megabytes", 0) for e in cache.values() if isinstance(e, dict))
+        if mb <= 0.6 * torch.cuda.mem_get_info(device)[0] / 2**20:
+            for entry in (e for e in cache.values() if isinstance(e, dict) and "tensors" in e):
+                entry["tensors"] = _map_arrays(entry["tensors"], lambda t: t.to(device), torch.Tensor)
+                entry["device"] = str(device)
+    return cache
+
+
+def train_student(run_dir: str, config: dict, method: str, seed: int, data_root: str, device: str, threads: int,
+                  cache: dict | None, cache_mb: float | None) -> dict:
+    """Ray task: notebook 5's distill call for one (method, seed), into its checkpoint; returns the history."""
+    import ray
+    _set_threads(threads)
+    start = time.perf_counter()
+    device = torch.device(device)
+    run_dir = Path(run_dir)
+    checkpoint = student_checkpoint(run_dir, method, seed)
+    status = "reused" if checkpoint_finished(checkpoint, config["student_epochs"]) else \
+        "resumed" if checkpoint.is_file() else "trained"
+    selection, data, teacher = _load_combination(run_dir, config, data_root, device)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    history = distill(teacher, config["student"], data, method, seed=seed, batch_size=config["batch_size"],
+                      augment=config["augment"], cache=_cache_on(cache, device) if cache else {},
+                      cache_budget_mb=cache_mb, checkpoint=checkpoint, device=device, progress=False,
+                      **pipeline.student_recipe(config), **layer_arguments(method, selection),
+                      monitor=config["monitor"] and REGISTRY[method].feature == "mse")
+    return {"history": history, "status": status, "seconds": time.perf_counter() - start, "data_name": data.name,
+            "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(), "device": str(device)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# collecting
+
+def task_error(err: BaseException) -> str:
+    """A failed task's original exception as 'Type: message' (Ray wraps it in a RayTaskError)."""
+    cause = getattr(err, "cause", None) or err
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[0] if text else ''}".strip()
+
+
+def cell_results(cell: dict, runs: dict) -> dict | None:
+    """summarize_runs of a cell's methods whose every seed finished (as notebook 5 writes it), else None."""
+    config = cell["config"]
+    histories, dataset = {}, cell["dataset"]
+    for method in config["methods"]:
+        done = [runs.get((cell["key"], method, seed)) for seed in config["seeds"]]
+        if all(r is not None and r.get("history") for r in done):
+            histories[method] = [r["history"] for r in done]
+            dataset = done[0].get("data_name", dataset)
+    metrics = Path(cell["run_dir"]) / "teacher_metrics.json"
+    if not histories or not metrics.is_file():
+        return None
+    teacher_metrics = json.loads(metrics.read_text())
+    full = pipeline.teacher_config(config, cell["run_dir"])
+    teacher = {"model": config["teacher"], "test_acc": teacher_metrics["final_test_acc"],
+               **{k: full[k] for k in ("pretrained", "pretrained_requested") if k in full}}
+    results = pipeline.summarize_runs(histories, teacher=teacher, preset=config["preset"], dataset=dataset)
+    results["config"] = full
+    results["kq_layers"] = json.loads((Path(cell["run_dir"]) / "kq_layers.json").read_text())["kq_layers"]
+    return results
+
+
+def _percent(row: dict, key: str) -> str:
+    """'mean ± std' in percent for a results row (mean only, marked, for one seed)."""
+    mean, std = 100 * row[f"{key}_acc_mean"], 100 * row[f"{key}_acc_std"]
+    return f"{mean:.2f} ± {std:.2f}" if row["seeds"] > 1 else f"{mean:.2f}"
+
+
+def grid_markdown(sweep: dict) -> str:
+    """sweep.md: the grid (rows dataset x pair, columns methods) at the final and best epoch, runs and failures."""
+    methods = sweep["methods"]
+    seeds = ", ".join(map(str, sweep["seeds"]))
+    lines = [f"# Sweep: preset `{sweep['preset']}`, seeds {seeds}", "",
+             f"Status: {sweep['status']}. Student runs: " + ", ".join(f"{n} {s}" for s, n in sweep["counts"].items())
+             + f". Wall time {sweep['wall_seconds']:.0f} s on Ray ({sweep['resources']}).", ""]
+    for key, what in (("final", "final epoch (headline)"), ("best", "best epoch (the paper's protocol)")):
+        lines += [f"## Test accuracy, {what}", "",
+                  "In %, mean ± sample std over seeds (a mean alone: one seed); in brackets the gain over `ce` in "
+                  "points. Blank: the method did not finish for every seed.", "",
+                  "| dataset | pair | teacher | " + " | ".join(methods) + " |",
+                  "|---|---|---|" + "---|" * len(methods)]
+        for cell in sweep["cells"]:
+            res = cell["results"]
+            row = [cell["dataset"], cell["pair"], "" if res is None else f"{100 * res['teacher']['test_acc']:.2f}"]
+            ms = {} if res is None else res["methods"]
+            ce = ms.get("ce", {}).get(f"{key}_acc_mean")
+            for m in methods:
+                if m not in ms:
+                    row.append("")
+                    continue
+                gain = "" if ce is None or m == "ce" else f" ({100 * (ms[m][f'{key}_acc_mean'] - ce):+.2f})"
+                row.append(_percent(ms[m], key) + gain)
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    lines += ["Methods: " + ", ".join(f"`{m}` ({REGISTRY[m].label})" for m in methods) + ".", ""]
+    if sweep["failures"]:
+        lines += ["## Failures", "", "| dataset | pair | stage | method | seed | error |", "|---|---|---|---|---|---|"]
+        lines += [f"| {f['dataset']} | {f['pair']} | {f['stage']} | {f.get('method') or ''} | "
+                  f"{'' if f.get('seed') is None else f['seed']} | {f['error'].replace('|', '/')} |"
+                  for f in sweep["failures"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write a text file atomically (a temporary file in its folder, then a rename)."""
+    return write_atomic(path, lambda f: f.write(text), mode="w")
+
+
+def write_figures(root: Path, sweep: dict) -> list[Path]:
+    """ROOT/figures/<dataset>.png: the paper-format result grid (one panel per pair) of each dataset with a CE row."""
+    from kdutils.plots import plot_result_grid
+    paths = []
+    for dataset in dict.fromkeys(c["dataset"] for c in sweep["cells"]):
+        cells = {(c["dataset"], c["pair"]): c["results"] for c in sweep["cells"]
+                 if c["dataset"] == dataset and c["results"] and "ce" in c["results"]["methods"]}
+        if cells:
+            paths.append(save_figure(plot_result_grid(cells), root / "figures" / f"{dataset}.png"))
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the driver
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a sweep: what finished, and that the same command resumes."""
+
+
+def _check_resources(resources: list[dict], need: dict[str, float]) -> None:
+    """Refuse a task shape no Ray node can host (Ray would otherwise wait for it forever)."""
+    for name, amount in need.items():
+        largest = max((r.get(name, 0.0) for r in resources), default=0.0)
+        if amount > largest:
+            flag = {"CPU": "--threads / --teacher-threads", "GPU": "--gpus-per-student"}[name]
+            raise ValueError(f"a sweep task asks for {amount:g} {name}(s) but the largest Ray node has {largest:g}; "
+                             f"lower {flag} (or add a bigger node to the cluster).")
+
+
+def run_sweep(root: str | Path, preset: str, datasets: Sequence[str], pairs: Sequence[str], seeds: Sequence[int],
+              params: dict | None = None, *, device: str = "auto", gpus_per_student: float = 1.0, threads: int = 1,
+              teacher_threads: int = 2, data_root: str | Path | None = None, cache_mb: float | None = None,
+              address: str | None = None, figures: bool = True, progress: bool = True) -> dict:
+    """Run the grid on Ray (the running instance, else `address`, else a new local one); write sweep.json/.md."""
+    import ray
+    log = print if progress else (lambda *a, **k: None)
+    root = Path(root).resolve()
+    data_root = str(Path(data_root).expanduser().resolve()) if data_root else str(pipeline.default_data_root())
+    cells = sweep_cells(root, preset, datasets, pairs, seeds, {**(params or {}), "data_root": data_root})
+    if threads < 1 or teacher_threads < 1:
+        raise ValueError(f"--threads and --teacher-threads must be >= 1; got {threads} and {teacher_threads}.")
+    if not 0 < gpus_per_student <= 1:
+        raise ValueError(f"--gpus-per-student must be in (0, 1], e.g. 0.25 for four small students per GPU; "
+                         f"got {gpus_per_student}.")
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        try:
+            ray.init(address=address)
+        except Exception as err:      # Ray raises a bare Exception when its node misses a start-up timeout
+            raise RuntimeError(f"Ray could not {'join ' + address if address else 'start a local instance'} ({err}). "
+                               f"On a busy machine Ray's agents can miss its fixed start-up timeouts: run again, or "
+                               f"start Ray once with `ray start --head` and pass --address auto.") from err
+    try:
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        if device == "auto":
+            device = "cuda" if total.get("GPU", 0) > 0 else "cpu"
+        if device not in ("cuda", "cpu"):
+            raise ValueError(f"--device must be auto, cuda or cpu; got {device!r}.")
+        if device == "cuda":
+            teacher_opts = {"num_gpus": 1, "num_cpus": teacher_threads}
+            student_opts = {"num_gpus": gpus_per_student, "num_cpus": threads}
+        else:
+            teacher_opts, student_opts = {"num_cpus": teacher_threads}, {"num_cpus": threads}
+        for opts in (teacher_opts, student_opts):
+            _check_resources(nodes, {"CPU": opts["num_cpus"], **({"GPU": opts["num_gpus"]} if "num_gpus" in opts
+                                                                 else {})})
+        where = f"{len(nodes)} node(s), {total.get('CPU', 0):g} CPUs, {total.get('GPU', 0):g} GPUs"
+        share = f"{gpus_per_student:g} GPU and " if device == "cuda" else ""
+        n_runs = sum(len(c["config"]["methods"]) * len(c["config"]["seeds"]) for c in cells)
+        log(f"sweep: {len(cells)} combination(s), {n_runs} student runs on Ray ({where}); device {device}, "
+            f"{share}{threads} CPU thread(s) per student run; root {root}", flush=True)
+        return _drive(ray, root, cells, data_root, device, threads, teacher_threads, cache_mb,
+                      teacher_opts, student_opts, where, figures, log)
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
+def _drive(ray: Any, root: Path, cells: list[dict], data_root: str, device: str, threads: int,
+           teacher_threads: int, cache_mb: float | None, teacher_opts: dict, student_opts: dict, where: str,
+           figures: bool, log: Callable[..., None]) -> dict:
+    """Submit the teacher, cache and student tasks, collect them as they finish, and write the sweep's files."""
+    start = time.perf_counter()
+    prepare = ray.remote(prepare_combination)
+    build = ray.remote(build_teacher_cache)
+    train = ray.remote(train_student)
+    pending: dict = {}          # ObjectRef -> (stage, cell, method, seed)
+    caches: dict = {}           # cell key -> the cache's ObjectRef, dropped when the cell is done
+    left = {c["key"]: len(c["config"]["methods"]) * len(c["config"]["seeds"]) for c in cells}
+    runs: dict = {}             # (cell key, method, seed) -> the task's record
+    failures: list[dict] = []
+    n_runs, done = sum(left.values()), 0
+    first = cells[0]["config"]
+
+    def submit_students(cell: dict) -> None:
+        config, run_dir = cell["config"], cell["run_dir"]
+        todo = {(m, s) for m in config["methods"] for s in config["seeds"]
+                if not checkpoint_finished(student_checkpoint(run_dir, m, s), config["student_epochs"])}
+        cached = [m for m in config["methods"] if needs_teacher_cache(m, config) and any(t[0] == m for t in todo)]
+        if cached:
+            caches[cell["key"]] = build.options(name=f"teacher cache {cell['key']}", **student_opts).remote(
+                run_dir, config, cached, data_root, device, threads, cache_mb)
+        log(f"[{cell['key']}] student runs: {len(todo)} to train, {left[cell['key']] - len(todo)} finished "
+            f"(reused); teacher cache for {', '.join(cached) or 'no method'}", flush=True)
+        for seed in config["seeds"]:
+            for method in config["methods"]:
+                cache = caches[cell["key"]] if method in cached and (method, seed) in todo else None
+                ref = train.options(name=f"student {cell['key']} {method} seed {seed}", **student_opts).remote(
+                    run_dir, config, method, seed, data_root, device, threads, cache, cache_mb)
+                pending[ref] = ("student", cell, method, seed)
+
+    def record_failure(cell: dict, stage: str, method: str | None, seed: int | None, error: str) -> None:
+        failures.append({"dataset": cell["dataset"], "pair": cell["pair"], "combination": cell["key"],
+                         "stage": stage, "method": method, "seed": seed, "error": error})
+
+    def collect(status: str) -> dict:
+        counts = {s: sum(r["status"] == s for r in runs.values()) for s in ("trained", "resumed", "reused", "failed")}
+        counts["not run"] = n_runs - len(runs)
+        sweep = {
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "status": status, "preset": first["preset"], "root": str(root),
+            "datasets": list(dict.fromkeys(c["dataset"] for c in cells)),
+            "pairs": list(dict.fromkeys(c["pair"] for c in cells)),
+            "methods": first["methods"], "seeds": first["seeds"], "device": device,
+            "threads_per_student": threads, "resources": where, "student_task": student_opts,
+            "wall_seconds": time.perf_counter() - start, "counts": counts,
+            "cells": [{"dataset": c["dataset"], "pair": c["pair"], "run_dir": c["run_dir"],
+                       "results": cell_results(c, runs)} for c in cells],
+            "runs": [{"dataset": c["dataset"], "pair": c["pair"], "method": m, "seed": s,
+                      **({k: v for k, v in runs[c["key"], m, s].items() if k != "history"}
+                         if (c["key"], m, s) in runs else {"status": "not run"})}
+                     for c in cells for s in c["config"]["seeds"] for m in c["config"]["methods"]],
+            "failures": failures,
+        }
+        pipeline.write_json_atomic(root / SWEEP_JSON, sweep)
+        return sweep
+
+    try:
+        for cell in cells:
+            if teacher_done(cell["run_dir"], cell["config"]):
+                log(f"[{cell['key']}] teacher, geometry and KQ: finished before, skipped", flush=True)
+                submit_students(cell)
+            else:
+                log(f"[{cell['key']}] teacher, geometry and KQ: submitted (notebooks 1-3)", flush=True)
+                ref = prepare.options(name=f"teacher {cell['key']}", **teacher_opts).remote(
+                    cell["run_dir"], cell["config"]["preset"], cell["params"], teacher_threads)
+                pending[ref] = ("teacher", cell, None, None)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            stage, cell, method, seed = pending.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayError as err:
+                error = task_error(err)
+                record_failure(cell, stage, method, seed, error)
+                if stage == "teacher":
+                    log(f"[{cell['key']}] teacher, geometry and KQ FAILED: {error}; its "
+                        f"{left[cell['key']]} student runs are not run", flush=True)
+                    left[cell["key"]] = 0
+                else:
+                    done += 1
+                    left[cell["key"]] -= 1
+                    runs[cell["key"], method, seed] = {"status": "failed", "error": error}
+                    log(f"[{done}/{n_runs}] {cell['key']} {method} seed {seed}: FAILED: {error}", flush=True)
+            else:
+                if stage == "teacher":
+                    log(f"[{cell['key']}] teacher, geometry and KQ: finished in {value['seconds']:.0f} s", flush=True)
+                    submit_students(cell)
+                else:
+                    done += 1
+                    left[cell["key"]] -= 1
+                    runs[cell["key"], method, seed] = {**value, "final_acc": value["history"][-1]["test_acc"],
+                                                       "best_acc": max(r["test_acc"] for r in value["history"])}
+                    log(f"[{done}/{n_runs}] {cell['key']} {method} seed {seed}: {value['status']} in "
+                        f"{value['seconds']:.1f} s, final {value['history'][-1]['test_acc']:.2%} "
+                        f"(node {value['node']}, {value['device']}, {value['threads']} thread(s))", flush=True)
+            if left[cell["key"]] == 0:
+                caches.pop(cell["key"], None)           # frees the teacher cache in the object store
+                results = cell_results(cell, runs)
+                if results is not None and set(results["methods"]) == set(cell["config"]["methods"]):
+                    pipeline.write_json_atomic(Path(cell["run_dir"]) / RESULTS_FILE, results)
+                    write_text(Path(cell["run_dir"]) / "results.md", pipeline.results_markdown(results))
+                    if figures and "ce" in results["methods"]:     # the figures show gains over the CE student
+                        from kdutils.report import write_report
+                        write_report(cell["run_dir"])
+            collect("running")
+    except KeyboardInterrupt:
+        sweep = collect("interrupted")
+        c = sweep["counts"]
+        raise SweepInterrupted(f"sweep interrupted ({c['trained'] + c['resumed'] + c['reused']} of {n_runs} student "
+                               f"runs finished, {c['failed']} failed); run the same command again to resume: "
+                               f"finished teachers and student checkpoints are reused, interrupted runs continue "
+                               f"after their last completed epoch.") from None
+    sweep = collect("complete" if not failures else "finished with failures")
+    write_text(root / SWEEP_MD, grid_markdown(sweep))
+    written = [root / SWEEP_JSON, root / SWEEP_MD, *(write_figures(root, sweep) if figures else [])]
+    c = sweep["counts"]
+    log(f"sweep: {n_runs} student runs: " + ", ".join(f"{n} {s}" for s, n in c.items()) +
+        f" in {sweep['wall_seconds']:.0f} s; wrote {', '.join(pipeline.shown_path(p) for p in written)}", flush=True)
+    for f in failures:
+        log(f"  failed: {f['combination']} {f['stage']}"
+            f"{'' if f['method'] is None else ' ' + f['method'] + ' seed ' + str(f['seed'])}: {f['error']}")
+    return sweep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface of `python -m kdutils.sweep`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kdutils.sweep", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the paper's grid (datasets x pairs x methods x seeds) on Ray: notebooks 1-3 once per "
+                    "(dataset, pair), then every (method, seed) student run as its own Ray task. Resumable (rerun "
+                    "the same command); results in ROOT/sweep.json, ROOT/sweep.md and ROOT/figures/<dataset>.png. "
+                    "Needs Ray: pip install -e \".[sweep]\".",
+        epilog="Examples:\n"
+               "  python -m kdutils.sweep --preset quick --seeds 0 1          # CPU smoke run, local Ray\n"
+               "  python -m kdutils.sweep --datasets cifar10 cifar100 --pairs resnet34-resnet9 vgg19-vgg11 \\\n"
+               "      --seeds 0 1 2 --gpus-per-student 0.25                   # all GPUs of this machine\n"
+               "  ray start --head; python -m kdutils.sweep ... --address auto  # an existing Ray cluster\n\n"
+               "Every Ray node must see --root and --data-root at the same path (one machine or a shared "
+               "filesystem).\nPresets, pairs, methods and -p keys: python -m kdutils.pipeline --list-presets")
+    parser.add_argument("--preset", default="cifar10", choices=list(PRESETS),
+                        help="base settings of every combination (default cifar10: the paper's 50-epoch recipe; "
+                             "quick for a CPU smoke run)")
+    parser.add_argument("--datasets", nargs="+", metavar="NAME", help="datasets (or .npz paths); default: the preset's")
+    parser.add_argument("--pairs", nargs="+", metavar="PAIR", choices=list(PAIRS),
+                        help=f"teacher-student pairs ({', '.join(PAIRS)}); default: the preset's")
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="student seeds; default: the preset's")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", help="student methods; default: the preset's")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                        help="override any other preset key, as in kdutils.pipeline (repeatable)")
+    parser.add_argument("--root", type=Path, help="sweep folder, one run dir per combination (default runs/sweep-PRESET)")
+    parser.add_argument("--data-root", type=Path, help="dataset folder (default: the project's data/)")
+    parser.add_argument("--address", help="Ray cluster to join, e.g. auto (default: start a local Ray instance)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"],
+                        help="auto: cuda when the Ray cluster has GPUs, else cpu")
+    parser.add_argument("--gpus-per-student", type=float, default=1.0, metavar="F",
+                        help="GPU share of one student run, 0 < F <= 1 (default 1; e.g. 0.25 runs four small "
+                             "students per GPU)")
+    parser.add_argument("--threads", type=int, default=1, metavar="N",
+                        help="CPU threads (Ray CPUs) of one student run (default 1)")
+    parser.add_argument("--teacher-threads", type=int, default=2, metavar="N",
+                        help="CPU threads (Ray CPUs) of one combination's notebooks 1-3 (default 2)")
+    parser.add_argument("--cache-mb", type=float, metavar="MB",
+                        help="teacher cache budget per combination (default: distill's, 4096 MB on the CPU, "
+                             "60%% of free GPU memory)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures (tables and JSON only)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress lines")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: 0 all runs finished, 1 some failed, 2 bad arguments, 130 interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print('error: the sweep needs Ray: pip install -e ".[sweep]" (or pip install "ray>=2.9")', file=sys.stderr)
+        return 1
+    try:
+        params = {name: pipeline.parse_value(value) for name, value in args.parameter}
+        if args.methods:
+            params["methods"] = args.methods
+        base = PRESETS[args.preset]
+        root = args.root or pipeline.default_run_dir(f"sweep-{args.preset}")
+        sweep = run_sweep(root, args.preset, args.datasets or [base["dataset"]], args.pairs or [base["pair"]],
+                          args.seeds or base["seeds"], params, device=args.device,
+                          gpus_per_student=args.gpus_per_student, threads=args.threads,
+                          teacher_threads=args.teacher_threads, data_root=args.data_root, cache_mb=args.cache_mb,
+                          address=args.address, figures=not args.no_figures, progress=not args.no_progress)
+    except ValueError as err:
+        parser.error(str(err))
+    except KeyboardInterrupt as err:
+        print(str(err) if isinstance(err, SweepInterrupted) else "interrupted; run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    except (FileNotFoundError, RuntimeError, ConnectionError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0 if not sweep["failures"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Does knowledge quality pick the right teacher layers? The measurements of notebook 6.
+
+A layer's *value* as a distillation target is measured directly: the student is trained CE-free (the `feature_kd`
+recipe) with one pair, its last distillation layer <- teacher layer t, and scored on a validation split held out
+from the training images (never the test split). Spearman's rank correlation then says how well each score (S, I,
+E, sqrt(IE), Q, a linear probe, depth) orders the layers by that value, and top-k selections by each score are
+trained under the same recipe and seeds and compared on the test split.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch.nn as nn
+from scipy import stats
+
+from kdutils.data import Dataset
+from kdutils.distill import distill
+
+# Scores a layer can be ranked by: the paper's four (kdutils.kq), a linear probe and depth.
+PREDICTORS = {"quality": "Q = S + sqrt(IE)", "separation": "S", "information": "I", "efficiency": "E",
+              "sqrt_ie": "sqrt(IE)", "probe_acc": "linear probe", "depth": "depth"}
+# KQ computed on other samples (notebook 6's memorisation test), by column name.
+VIEWS = {"quality_train_small": "Q, training sample of the validation size", "quality_val": "Q, validation images",
+         "separation_val": "S, validation images", "sqrt_ie_val": "sqrt(IE), validation images"}
+
+
+def held_out_view(val: Dataset) -> Dataset:
+    """The validation images as a training split (what KQ samples from), to compute KQ on images a teacher has not
+    trained on; its test split is the same images (do not fit a probe on it)."""
+    return dataclasses.replace(val, x_train=val.x_test, y_train=val.y_test)
+
+
+def _run(teacher: nn.Module, student: str, data: Dataset, teacher_layers: Sequence[int], student_layers: Sequence[int],
+         seed: int, checkpoint: Path | None, recipe: dict, cache: dict, progress: bool) -> list[dict]:
+    """One CE-free student run (feature_kd's recipe) with the given layer pairs."""
+    return distill(teacher, student, data, "feature_kd", teacher_layers=list(teacher_layers),
+                   student_layers=list(student_layers), seed=seed, cache=cache, checkpoint=checkpoint,
+                   progress=progress, **recipe)
+
+
+def single_layer_sweep(teacher: nn.Module, student: str, val_data: Dataset, layers: Sequence[int],
+                       student_layer: int, seeds: Sequence[int], *, recipe: dict, cache: dict | None = None,
+                       checkpoint_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Each teacher layer's value as a target: for every layer t and seed, a CE-free student with the single pair
+    (student_layer <- t), trained on val_data's training split and scored on its test split (the validation
+    images). `recipe` holds distill's epochs, lr, weight_decay, schedule, batch_size, augment. Runs are
+    checkpointed in checkpoint_dir (layer{t}-seed{s}.pt), so an interrupted sweep resumes. Returns one row per
+    (layer, seed): final and best validation accuracy."""
+    cache = {} if cache is None else cache
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for seed in seeds:
+        for t in layers:
+            print(f"--- teacher layer {t} -> student layer {student_layer}, seed {seed}", flush=True)
+            ck = folder / f"layer{t}-seed{seed}.pt" if folder is not None else None
+            history = _run(teacher, student, val_data, [t], [student_layer], seed, ck, recipe, cache, progress)
+            rows.append({"layer": int(t), "seed": int(seed), "val_final": history[-1]["test_acc"],
+                         "val_best": max(h["test_acc"] for h in history)})
+    return pd.DataFrame(rows)
+
+
+def layer_values(sweep: pd.DataFrame) -> pd.DataFrame:
+    """Per layer: mean and sample std over seeds of the final and best validation accuracy of the sweep."""
+    grouped = sweep.groupby("layer")
+    out = pd.DataFrame({"value": grouped["val_final"].mean(), "value_std": grouped["val_final"].std(),
+                        "best": grouped["val_best"].mean(), "seeds": grouped.size()})
+    return out
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (NaN when either side is constant)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(stats.spearmanr(x, y).statistic)
+
+
+def rank_correlations(sweep: pd.DataFrame, scores: pd.DataFrame, predictors: Sequence[str] | None = None, *,
+                      n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Spearman's rho between each layer's value (mean final validation accuracy over seeds) and each predictor
+    column of `scores` (indexed by layer), with a percentile bootstrap interval.
+
+    The bootstrap resamples layers with replacement and, when the sweep has several seeds, each resampled layer's
+    seeds too (a two-level bootstrap: both the choice of layers and the seed noise of their values). With few
+    layers the interval is wide: it is an honest statement of how little a handful of layers can show.
+    """
+    predictors = [p for p in (predictors or PREDICTORS) if p in scores.columns]
+    layers = sorted(sweep["layer"].unique())
+    per_layer = {t: sweep.loc[sweep["layer"] == t, "val_final"].to_numpy(dtype=float) for t in layers}
+    value = np.array([per_layer[t].mean() for t in layers])
+    table = scores.loc[layers, predictors].astype(float)
+    rng = np.random.default_rng(seed)
+    draws = {p: [] for p in predictors}
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(layers), len(layers))
+        v = np.array([rng.choice(per_layer[layers[i]], len(per_layer[layers[i]])).mean() for i in pick])
+        for p in predictors:
+            rho = spearman(table[p].to_numpy()[pick], v)
+            if not np.isnan(rho):
+                draws[p].append(rho)
+    alpha = (1 - level) / 2
+    rows = []
+    for p in predictors:
+        d = np.asarray(draws[p])
+        rows.append({"predictor": p, "score": {**PREDICTORS, **VIEWS}.get(p, p), "spearman": spearman(table[p], value),
+                     "ci_low": float(np.quantile(d, alpha)) if d.size else float("nan"),
+                     "ci_high": float(np.quantile(d, 1 - alpha)) if d.size else float("nan"),
+                     "layers": len(layers)})
+    return pd.DataFrame(rows).set_index("predictor")
+
+
+def top_k(scores: pd.Series, k: int) -> list[int]:
+    """The k layers with the largest score, in depth order (ties to the shallower layer, NaN never chosen)."""
+    valid = [(float(s), int(i)) for i, s in scores.items() if not np.isnan(s)]
+    if not 1 <= k <= len(valid):
+        raise ValueError(f"cannot pick k={k} layers from {len(valid)} scored layers.")
+    return sorted(i for _, i in sorted(valid, key=lambda t: (-t[0], t[1]))[:k])
+
+
+def compare_selections(teacher: nn.Module, student: str, data: Dataset, selections: dict[str, Sequence[int]],
+                       student_layers: Sequence[int], seeds: Sequence[int], *, recipe: dict,
+                       cache: dict | None = None, checkpoint_dir: str | Path | None = None,
+                       progress: bool = True) -> pd.DataFrame:
+    """Train each distinct layer selection CE-free (feature_kd's recipe, the same seeds) on data's training split
+    and score it on the test split. Identical selections share one set of runs. Returns one row per selection:
+    its layers, the names that chose them, final and best test accuracy (mean, sample std over seeds)."""
+    cache = {} if cache is None else cache
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    distinct: dict[tuple[int, ...], list[str]] = {}
+    for name, layers in selections.items():
+        distinct.setdefault(tuple(sorted(int(t) for t in layers)), []).append(name)
+    rows = []
+    for layers, names in distinct.items():
+        finals, bests = [], []
+        for seed in seeds:
+            print(f"--- teacher layers {list(layers)} ({', '.join(names)}), seed {seed}", flush=True)
+            tag = "-".join(map(str, layers))
+            ck = folder / f"top{len(layers)}-{tag}-seed{seed}.pt" if folder is not None else None
+            history = _run(teacher, student, data, layers, student_layers, seed, ck, recipe, cache, progress)
+            finals.append(history[-1]["test_acc"])
+            bests.append(max(h["test_acc"] for h in history))
+        rows.append({"layers": list(layers), "chosen by": ", ".join(names), "test_final": float(np.mean(finals)),
+                     "test_final_std": float(np.std(finals, ddof=1)) if len(finals) > 1 else float("nan"),
+                     "test_best": float(np.mean(bests)), "seeds": len(seeds), "final_acc": finals})
+    return pd.DataFrame(rows)
+
+
+def summary_lines(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,
+                  compared: pd.DataFrame, rules: dict[str, Sequence[int]], *, seeds: int, held_out: bool) -> list[str]:
+    """The sentences notebook 6 prints: the most valuable layers, which predictor orders them best (and whether the
+    intervals separate it from Q), what KQ on unseen images changes, and how the selections compare on test."""
+    lines = []
+    ranked = values["value"].sort_values(ascending=False)
+    lines.append(f"Most valuable single teacher layers (validation accuracy, {seeds} seed(s)): " +
+                 ", ".join(f"{t} ({v:.2%})" for t, v in ranked.head(4).items()) +
+                 f"; least: {ranked.index[-1]} ({ranked.iloc[-1]:.2%}).")
+    valid = correlations.dropna(subset=["spearman"])
+    if not valid.empty:
+        best = valid["spearman"].idxmax()
+        q = correlations.loc["quality"] if "quality" in correlations.index else None
+        lines.append("Spearman's rho with the value: " + ", ".join(
+            f"{row.score} {row.spearman:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+            for row in valid.sort_values("spearman", ascending=False).itertuples()) + ".")
+        if q is not None and best != "quality":
+            b = correlations.loc[best]
+            apart = b.ci_low > q.spearman or q.ci_high < b.spearman
+            lines.append(f"Here {b.score} orders the layers better than Q ({b.spearman:+.2f} vs {q.spearman:+.2f}); "
+                         + ("its interval lies clear of Q's estimate: a finding for this teacher and budget, to be "
+                            "checked at the paper's scale." if apart else
+                            "the intervals overlap, so this study cannot tell the two apart."))
+        elif q is not None:
+            lines.append(f"Q is the best predictor here ({q.spearman:+.2f}).")
+    if "quality_val" in held_correlations.index:
+        small, unseen = held_correlations.loc["quality_train_small"], held_correlations.loc["quality_val"]
+        where = "images the teacher never trained on" if held_out else "images the teacher trained on (val_fraction 0)"
+        lines.append(f"KQ on the validation split ({where}): rho {unseen.spearman:+.2f} vs {small.spearman:+.2f} on "
+                     f"a training sample of the same size; top-k {list(rules.get('Q on validation images', []))} vs "
+                     f"{list(rules.get('Q (the paper)', []))} on notebook 3's sample.")
+    best_row = compared.loc[compared["test_final"].idxmax()]
+    q_row = compared[compared["chosen by"].str.contains("Q \\(the paper\\)", regex=True)]
+    spread = lambda r: "" if np.isnan(r.test_final_std) else f" ± {r.test_final_std:.2%}"  # noqa: E731
+    lines.append("Top-k selections on the test split (final epoch): " + "; ".join(
+        f"{r['chosen by']} {r.layers}: {r.test_final:.2%}{spread(r)}"
+        for _, r in compared.sort_values("test_final", ascending=False).iterrows()) + ".")
+    if not q_row.empty:
+        q_acc = q_row.iloc[0]
+        gap = 100 * (best_row.test_final - q_acc.test_final)
+        noise = max(np.nan_to_num(best_row.test_final_std), np.nan_to_num(q_acc.test_final_std)) * 100
+        verdict = ("Q's selection is the best one" if gap == 0 else
+                   f"The best selection ({best_row['chosen by']}) beats Q's by {gap:.2f} points" +
+                   (" (one seed: no spread to judge it)" if seeds < 2 else
+                    f", {'more' if gap > noise else 'less'} than the seed spread ({noise:.2f})"))
+        lines.append(verdict + ".")
+    return lines
+
+
+def results_block(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,
+                  compared: pd.DataFrame, rules: dict[str, Sequence[int]], config: dict) -> dict:
+    """The `kq_validation` block of results.json: per-layer values, correlations, selections and their accuracies."""
+    clean = lambda v: None if isinstance(v, float) and np.isnan(v) else v  # noqa: E731
+    table = lambda df: {str(i): {k: clean(v) for k, v in row.items()} for i, row in df.to_dict("index").items()}  # noqa: E731
+    seeds = config["seeds"][:config.get("validation_seeds", len(config["seeds"]))]
+    return {"seeds": list(seeds), "epochs": config["validation_epochs"], "k": config["k"],
+            "val_fraction": config["val_fraction"], "layer_values": table(values),
+            "correlations": table(correlations), "held_out_correlations": table(held_correlations),
+            "selections": {name: list(map(int, layers)) for name, layers in rules.items()},
+            "selection_accuracy": [{k: clean(v) for k, v in row.items()} for row in compared.to_dict("records")]}

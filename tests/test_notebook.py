@@ -1,0 +1,207 @@
+"""Tests of kdutils.notebook: the one-call setup, the Colab branch (simulated), and the repository URL in notebooks."""
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from kdutils import notebook, pipeline
+from kdutils.notebook import (ensure_inputs, missing_inputs, on_colab, repository_url, resolve_run_dir, setup,
+                              sync_urls)
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture
+def fake_colab(monkeypatch):
+    """Pretend this kernel runs on Colab: a `google.colab` module in sys.modules (with a recording drive.mount)."""
+    mounted = []
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda point: mounted.append(point))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    return mounted
+
+
+def test_on_colab_detects_the_module_and_obeys_the_override(fake_colab, monkeypatch):
+    assert on_colab() and on_colab(True) and not on_colab(False)
+    monkeypatch.delitem(sys.modules, "google.colab")
+    assert not on_colab() and on_colab(True)
+
+
+def test_auto_preset_is_colab_on_colab(fake_colab, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pipeline.preset_name("auto") == "colab"
+    assert pipeline.preset_name("auto", colab=False) == "cifar10"
+    assert pipeline.preset_name("cifar10") == "cifar10"          # an explicit paper preset stays one parameter away
+    assert pipeline.resolve_config("auto")["preset"] == "colab"
+
+
+def test_setup_returns_what_every_notebook_computed(tmp_path, capsys):
+    namespace = {"preset": "quick", "run_dir": str(tmp_path / "run"), "data_root": None, "seeds": [3, 4],
+                 "student_epochs": None, "progress": True}
+    config, run_dir, data_root, device, seed = setup(namespace, "01_train_teacher.ipynb", colab=False)
+    assert config == pipeline.resolve_config("quick", seeds=[3, 4])
+    assert run_dir == tmp_path / "run" and run_dir.is_dir()
+    assert data_root == pipeline.default_data_root() and device == torch.device("cpu") and seed == 3
+    assert capsys.readouterr().out.strip().startswith("preset quick | device cpu | run_dir ")
+
+
+def test_setup_off_colab_names_the_notebook_to_run(tmp_path):
+    namespace = {"preset": "quick", "run_dir": str(tmp_path)}
+    with pytest.raises(FileNotFoundError, match=r"teacher\.pt: run notebooks/01_train_teacher\.ipynb first"):
+        setup(namespace, "03_compute_kq.ipynb", colab=False)
+    assert missing_inputs(tmp_path, "05_compare_to_hinton_kd.ipynb") == [
+        ("teacher.pt", "01_train_teacher.ipynb"), ("teacher_metrics.json", "01_train_teacher.ipynb"),
+        ("kq_layers.json", "03_compute_kq.ipynb")]
+    assert missing_inputs(tmp_path, "06_new.ipynb", needs=[("x.json", "04_distill_without_ce.ipynb")]) == \
+        [("x.json", "04_distill_without_ce.ipynb")]
+
+
+def _recording_pipeline(calls, writes):
+    """A stand-in for pipeline.run_pipeline that records its call and writes the named artifacts."""
+    def run(run_dir, preset="auto", params=None, notebooks_dir=None, notebooks=(), **kw):
+        calls.append({"run_dir": Path(run_dir), "preset": preset, "params": params, "notebooks": list(notebooks),
+                      "notebooks_dir": Path(notebooks_dir)})
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        for name in writes:
+            (Path(run_dir) / name).write_text("{}")
+        raise FileNotFoundError("missing results.json: run notebooks/05 first")  # what a partial series ends with
+    return run
+
+
+def test_on_colab_missing_inputs_run_the_earlier_notebooks_headless(fake_colab, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", _recording_pipeline(calls, ["teacher.pt", "teacher_metrics.json",
+                                                                              "kq_layers.json"]))
+    namespace = {"preset": "quick", "run_dir": str(tmp_path), "student_epochs": 2, "data_root": str(tmp_path / "d")}
+    config, run_dir, *_ = setup(namespace, "04_distill_without_ce.ipynb")      # detected: google.colab imported
+    assert calls == [{"run_dir": tmp_path, "preset": "quick", "notebooks_dir": pipeline.NOTEBOOKS_DIR,
+                      "params": {"student_epochs": 2, "data_root": str(tmp_path / "d")},
+                      "notebooks": ["01_train_teacher.ipynb", "02_probe_layer_geometry.ipynb",
+                                    "03_compute_kq.ipynb"]}]
+    assert "running 01_train_teacher.ipynb, 02_probe_layer_geometry.ipynb, 03_compute_kq.ipynb headless" in \
+        capsys.readouterr().out
+    # inputs present now: nothing runs again; only kq_layers.json missing: only notebook 3 runs
+    assert ensure_inputs(tmp_path, "04_distill_without_ce.ipynb", config) == []
+    (tmp_path / "kq_layers.json").unlink()
+    assert ensure_inputs(tmp_path, "04_distill_without_ce.ipynb", config, colab=True) == ["03_compute_kq.ipynb"]
+
+
+def test_producing_inputs_that_still_fail_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "run_pipeline", _recording_pipeline([], []))
+    with pytest.raises(FileNotFoundError, match="results.json"):
+        ensure_inputs(tmp_path, "02_probe_layer_geometry.ipynb", pipeline.resolve_config("quick"), produce=True)
+
+
+def test_colab_without_the_notebooks_fetches_them(tmp_path, monkeypatch):
+    calls, fetched = [], []
+    monkeypatch.setattr(pipeline, "run_pipeline", _recording_pipeline(calls, ["teacher.pt"]))
+    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(pipeline, "_project_base", lambda: tmp_path)
+    monkeypatch.setattr(notebook.urllib.request, "urlretrieve",
+                        lambda url, dest: (fetched.append(url), Path(dest).write_text("{}")))
+    ensure_inputs(tmp_path / "run", "02_probe_layer_geometry.ipynb", pipeline.resolve_config("quick"), colab=True)
+    assert fetched == [f"https://raw.githubusercontent.com/{repository_url().split('github.com/')[1]}/main/"
+                       "notebooks/01_train_teacher.ipynb"]
+    assert calls[0]["notebooks_dir"] == tmp_path / "kd-without-ce-notebooks"
+
+
+def test_drive_run_dir(fake_colab, tmp_path):
+    path = resolve_run_dir("drive:kd-without-ce/runs/colab", "colab")
+    assert path == Path("/content/drive/MyDrive/kd-without-ce/runs/colab") and fake_colab == ["/content/drive"]
+    mounted = []
+    assert resolve_run_dir("drive:/x", "colab", colab=True, mount=mounted.append) == \
+        Path("/content/drive/MyDrive/x") and mounted == ["/content/drive"]
+    assert resolve_run_dir(None, "quick") == pipeline.default_run_dir("quick")
+    assert resolve_run_dir(tmp_path, "quick") == tmp_path
+    with pytest.raises(ValueError, match="only Colab"):
+        resolve_run_dir("drive:x", "quick", colab=False)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the repository URL
+
+def test_repository_url_comes_from_pyproject(tmp_path):
+    assert repository_url() == "https://github.com/kd-without-ce/kd-without-ce"
+    fork = tmp_path / "pyproject.toml"
+    shutil.copy(ROOT / "pyproject.toml", fork)
+    notebook.set_repository_url("https://github.com/someone/fork/", fork)
+    assert repository_url(fork) == "https://github.com/someone/fork"
+    assert 'Homepage = "https://github.com/someone/fork"' in fork.read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_notebook_badge_and_install_line_use_the_project_url(path):
+    url, (badges, installs) = repository_url(), notebook.notebook_urls(path)
+    assert badges == [notebook.badge_link(path.name, url)]
+    assert installs == [f"git+{url}@{notebook.DEFAULT_REF}"]
+
+
+def test_a_fork_rewrites_badges_and_install_lines(tmp_path):
+    for path in NOTEBOOKS:
+        shutil.copy(path, tmp_path / path.name)
+    before = {p.name: nbformat.read(p, as_version=4) for p in tmp_path.glob("*.ipynb")}
+    changed = sync_urls("https://github.com/someone/fork", tmp_path)
+    assert sorted(p.name for p in changed) == sorted(p.name for p in NOTEBOOKS)
+    for path in tmp_path.glob("*.ipynb"):
+        badges, installs = notebook.notebook_urls(path)
+        assert badges == [f"https://colab.research.google.com/github/someone/fork/blob/main/notebooks/{path.name}"]
+        assert installs == ["git+https://github.com/someone/fork@main"]
+        after, old = nbformat.read(path, as_version=4), before[path.name]
+        assert [c.get("id") for c in after.cells] == [c.get("id") for c in old.cells]
+        untouched = [(a, b) for a, b in zip(after.cells, old.cells) if "/github/" not in b.source and "git+" not in b.source]
+        assert all(a == b for a, b in untouched)                 # other cells, outputs included, as they were
+    assert sync_urls("https://github.com/someone/fork", tmp_path) == []   # idempotent
+
+
+def test_cli_check(capsys):
+    assert notebook.main(["--check"]) == 0
+    assert "all notebooks use https://github.com/kd-without-ce/kd-without-ce" in capsys.readouterr().out
+
+
+def test_parameters_cells_keep_their_names():
+    """The pipeline passes parameters by name: notebooks 1-3 keep theirs (and the one parameters cell each)."""
+    expected = {
+        "01_train_teacher": ["preset", "run_dir", "data_root", "progress", "dataset", "per_class", "pair", "teacher",
+                             "student", "pretrained", "teacher_epochs", "teacher_lr", "batch_size", "weight_decay",
+                             "augment", "seeds"],
+        "02_probe_layer_geometry": ["preset", "run_dir", "data_root", "progress", "dataset", "per_class",
+                                    "kq_samples", "kq_per_class", "seeds"],
+        "03_compute_kq": ["preset", "run_dir", "data_root", "progress", "dataset", "per_class", "kq_samples",
+                          "kq_per_class", "k", "seeds"],
+    }
+    for stem, names in expected.items():
+        nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1
+        assert [line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line] == names
+
+
+def test_notebooks_1_to_3_use_setup_and_end_with_try_next():
+    for stem in ("01_train_teacher", "02_probe_layer_geometry", "03_compute_kq"):
+        nb = nbformat.read(ROOT / "notebooks" / f"{stem}.ipynb", as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        assert f'setup(globals(), "{stem}.ipynb")' in code and "default_run_dir" not in code
+        last = nb.cells[-1]
+        assert last.cell_type == "markdown" and "## Try next" in last.source and "## Check yourself" in last.source
+        assert last.source.count("<details><summary>Answer</summary>") >= 2
+    kq = nbformat.read(ROOT / "notebooks" / "03_compute_kq.ipynb", as_version=4)
+    assert any("Q by hand" in c.source for c in kq.cells if c.cell_type == "markdown")
+    assert any("assert math.isclose" in c.source for c in kq.cells if c.cell_type == "code")
+
+
+def test_runtime_estimate_is_labelled_and_plausible():
+    text = pipeline.runtime_estimate_text(pipeline.resolve_config("colab"))
+    assert "estimate, NOT measured" in text and "ASSUMED_TRAIN_FLOPS" in text
+    colab = pipeline.estimate_runtime(pipeline.resolve_config("colab"), "t4")
+    paper = pipeline.estimate_runtime(pipeline.resolve_config("cifar10"), "t4")
+    assert 10 * 60 < colab["total"] <= 30 * 60                      # the colab budget: about 30 minutes on a T4
+    assert paper["total"] > 4 * 3600                                 # the paper run does not fit a free session
+    assert pipeline.forward_flops("resnet34") == pytest.approx(2.32e9, rel=0.02)  # 1.16 G multiply-adds at 32x32
+    with pytest.raises(ValueError, match="unknown device"):
+        pipeline.estimate_runtime(pipeline.resolve_config("colab"), "tpu")
