@@ -32,7 +32,7 @@ import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -456,20 +456,27 @@ def describe_presets() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # run-directory artifacts
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write `obj` as indented JSON via a temporary file and a rename, so readers never see half a file."""
+def write_atomic(path: str | Path, write: Callable[[Any], None], mode: str = "wb") -> Path:
+    """Call write(file) on a temporary file beside `path`, then rename it to `path`: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            write(f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically (write_atomic)."""
+    return write_atomic(path, lambda f: (json.dump(obj, f, indent=2, default=str), f.write("\n")), mode="w")
 
 
 def sha256_file(path: str | Path) -> str:

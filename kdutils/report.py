@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from matplotlib.figure import Figure
 
-from kdutils.pipeline import RESULTS_FILE, require_artifact, results_markdown
+from kdutils.pipeline import RESULTS_FILE, require_artifact, results_markdown, write_atomic
 from kdutils.plots import plot_accuracy_curves, plot_result_panel
 
 RESULTS_NOTEBOOK = "05_compare_to_hinton_kd.ipynb"
@@ -27,23 +25,6 @@ FIGURES = {  # output name: (file under RUN_DIR/figures, what it shows)
     "result_panel_best": ("result_panel_best.png", "gain over the CE student, best epoch (the paper's protocol)"),
     "accuracy_curves": ("accuracy_curves.png", "test accuracy per epoch, first epoch reaching CE's best"),
 }
-
-
-def write_atomic(path: Path, write: Callable[[object], None], mode: str = "wb") -> Path:
-    """Call write(file) on a temporary file beside `path`, then rename it to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def save_figure(fig: Figure, path: Path) -> Path:

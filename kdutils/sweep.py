@@ -44,7 +44,8 @@ import torch
 from kdutils import pipeline
 from kdutils.distill import REGISTRY, distill, distill_loss, layer_arguments, simkd_student
 from kdutils.pipeline import NOTEBOOKS, PAIRS, PARAMETERS, PRESETS, RESULTS_FILE
-from kdutils.report import save_figure, write_atomic
+from kdutils.pipeline import write_atomic
+from kdutils.report import save_figure
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
 TEACHER_NOTEBOOKS = NOTEBOOKS[:3]          # teacher, geometry, KQ: once per combination

@@ -1,5 +1,4 @@
 """Tests of kdutils.notebook: the one-call setup, the Colab branch (simulated), and the repository URL in notebooks."""
-import json
 import shutil
 import sys
 import types
