@@ -5,9 +5,8 @@ import nbformat
 import torch
 
 from kdutils import report
-from kdutils.layers import layer_table
+from kdutils.layers import generalized_layer_count, layer_table
 from kdutils.models import build_model
-from kdutils.layers import generalized_layer_count
 from kdutils.pipeline import NOTEBOOKS, VALIDATION_NOTEBOOK, resolve_config, run_pipeline
 
 SERIES = (*NOTEBOOKS, VALIDATION_NOTEBOOK)
@@ -70,31 +69,23 @@ def check_validation(block, config):
     assert set(block["selections"]) == chosen and all(len(v) == config["k"] for v in block["selections"].values())
 
 
-def test_quick_pipeline(tmp_path):
-    run_dir = tmp_path / "quick"
-    # the quick preset, shortened (nbval runs it in full)
-    params = {"teacher_epochs": 3, "student_epochs": 2, "validation_layers": [3, 5, 7, 9]}
+def test_pipeline_on_shared_cifar10_npz(tmp_path, shared_npz):
+    """The six notebooks through the pipeline on real CIFAR-10 at a tiny budget, with k=2 pairs (the student's two
+    deepest standard layers), two seeds and a subset of teacher layers for notebook 6; then the report command.
+    (The quick preset itself runs in full in CI's nbval step, which executes the committed notebooks.)"""
+    run_dir = tmp_path / "npz"
+    params = {"dataset": str(shared_npz), "per_class": 30, "teacher_epochs": 1, "student_epochs": 1,
+              "kq_samples": 300, "k": 2, "seeds": [0, 1], "methods": ["ce", "hinton_kd", "feature_kd",
+                                                                      "feature_kd_ce", "standard_layers"],
+              "validation_epochs": 1, "validation_seeds": 1, "validation_layers": [2, 5, 8]}
     run_pipeline(run_dir, "quick", params, progress=False, notebooks=SERIES)
-    results = check_run(run_dir, "quick", "digits", params)
-    monitor = results["methods"]["feature_kd_ce"]["monitor"]      # the gradient conflict, recorded in notebook 5
-    assert len(monitor["grad_cosine"]) == 4 and len(monitor["feature_mse"]) == 4
-    assert "grad_cosine" not in results["methods"]["feature_kd"]["monitor"]
-    assert results["teacher"]["test_acc"] > 0.9  # digits is easy: chance is 0.1, a broken teacher would show here
-    assert all(row["final_acc_mean"] > 0.5 for row in results["methods"].values())   # every student learned
+    results = check_run(run_dir, "quick", "cifar10-subset", params)
     manifest = json.loads((run_dir / "manifests" / "01_train_teacher.json").read_text())
-    assert manifest["config"]["seeds"] == [0] and "sha256" in manifest["artifacts"]["teacher"]
+    assert manifest["config"]["seeds"] == [0, 1] and "sha256" in manifest["artifacts"]["teacher"]
+    monitor = results["methods"]["feature_kd_ce"]["monitor"]      # the gradient conflict, recorded in notebook 5
+    assert len(monitor["grad_cosine"]) == 2 and len(monitor["feature_mse"]) == 2 and monitor["seeds"] == 2
+    assert "grad_cosine" not in results["methods"]["feature_kd"]["monitor"]   # CE-free: nothing to compare
     for figure in ("result_panel.png", "result_panel_best.png", "accuracy_curves.png"):    # notebook 5's report
         (run_dir / "figures" / figure).unlink()
     assert report.main([str(run_dir)]) == 0                                          # rewritten from results.json
     assert all((run_dir / "figures" / f).stat().st_size > 10_000 for f in ("result_panel.png", "accuracy_curves.png"))
-
-
-def test_pipeline_on_shared_cifar10_npz(tmp_path, shared_npz):
-    """A tiny budget on real CIFAR-10 with k=2 pairs (the student's two deepest standard layers) and two seeds."""
-    run_dir = tmp_path / "npz"
-    params = {"dataset": str(shared_npz), "per_class": 30, "teacher_epochs": 1, "student_epochs": 1,
-              "kq_samples": 300, "k": 2, "seeds": [0, 1], "methods": ["ce", "hinton_kd", "feature_kd",
-                                                                      "standard_layers"],
-              "validation_epochs": 1, "validation_seeds": 1, "validation_layers": [2, 5, 8]}
-    run_pipeline(run_dir, "quick", params, progress=False, notebooks=SERIES)
-    check_run(run_dir, "quick", "cifar10-subset", params)
