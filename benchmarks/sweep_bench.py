@@ -27,8 +27,7 @@ import torch
 
 from kdutils import pipeline
 from kdutils import sweep as sw
-from kdutils.data import load_dataset
-from kdutils.distill import distill, layer_arguments
+from kdutils.distill import REGISTRY, distill, layer_arguments
 from kdutils.train import load_model
 
 
@@ -36,7 +35,7 @@ def sequential_loop(run_dir: Path, config: dict, data_root: str) -> dict:
     """Notebook 5's loop (one cache dict, for seed: for method: distill), timed; final accuracy per run."""
     start = time.perf_counter()
     selection = json.loads((run_dir / "kq_layers.json").read_text())
-    data = load_dataset(config["dataset"], root=data_root, per_class=config["per_class"], seed=config["seeds"][0])
+    data = pipeline.series_data(config, data_root)          # as notebook 5 and the sweep: without the validation split
     teacher = load_model(run_dir / "teacher.pt", expect_model=config["teacher"], num_classes=data.num_classes,
                          role="teacher")
     cache, final = {}, {}
@@ -45,7 +44,8 @@ def sequential_loop(run_dir: Path, config: dict, data_root: str) -> dict:
             history = distill(teacher, config["student"], data, method, seed=seed, batch_size=config["batch_size"],
                               augment=config["augment"], cache=cache,
                               checkpoint=sw.student_checkpoint(run_dir, method, seed), progress=False,
-                              **pipeline.student_recipe(config), **layer_arguments(method, selection))
+                              **pipeline.student_recipe(config), **layer_arguments(method, selection),
+                              monitor=config["monitor"] and REGISTRY[method].feature == "mse")
             final[f"{method}-seed{seed}"] = history[-1]["test_acc"]
     return {"seconds": time.perf_counter() - start, "final": final}
 
