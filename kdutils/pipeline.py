@@ -9,7 +9,7 @@ so `papermill nb.ipynb out.ipynb -p preset quick -p student_epochs 2` and the pi
 work. Each notebook reads its inputs with `require_artifact` (a clear "run notebook N first" error), writes its outputs
 into `run_dir` and records them with `write_manifest`. Notebook 5 writes `run_dir/results.json` (`summarize_runs`).
 
-Run all five notebooks headless, in order, stopping at the first failing cell:
+Run notebooks 1-5 (6 with --validate-kq) headless, in order, stopping at the first failing cell:
 
     python -m kdutils.pipeline --preset quick --run-dir runs/quick -p student_epochs 2
     python -m kdutils.pipeline --list-presets
@@ -157,8 +157,8 @@ PRESETS = {
 }
 
 PRESET_NOTES = {
-    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline); all five notebooks in about "
-             "3 minutes on 2 cores",
+    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline); notebooks 1-5 in about "
+             "3 minutes on 2 cores (about 5 with notebook 6)",
     "cifar10-cpu": "CIFAR-10 (500 train images per class, full test set) with the CPU-scale pair and 3 seeds; "
                    "CPU, about an hour",
     "cifar10": "the paper's setting on CIFAR-10 (50 epochs, AdamW/OneCycle, no augmentation, 3 seeds); GPU",
@@ -944,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of `python -m kdutils.pipeline`."""
     parser = argparse.ArgumentParser(
         prog="python -m kdutils.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Run the five notebooks headless with papermill, in order, stopping at the first failing "
+        description="Run notebooks 1-5 (and 6 with --validate-kq) headless with papermill, in order, stopping at "
+                    "the first failing "
                     "cell; executed copies go to RUN_DIR/executed/, the result table to RUN_DIR/results.md.",
         epilog=describe_presets())
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="settings preset (default auto)")
@@ -955,7 +956,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate-kq", action="store_true",
                         help=f"also run {VALIDATION_NOTEBOOK} after the five (the single-layer sweep that tests KQ)")
     parser.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
-                        help="run only these notebooks, in this order (default: all five)")
+                        help="run only these notebooks, in this order (default: notebooks 1-5)")
     parser.add_argument("--kernel", help="Jupyter kernel name (default: the one that runs this Python)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
