@@ -480,3 +480,19 @@ def test_training_curves_and_conflict_summary():
     assert "feature_kd vs feature_kd_ce" in text and "closer to the teacher (lower MSE) at 2 of 2 layers" in text
     assert conflict_summary({"methods": {"ce": res["methods"]["ce"]}}) == [
         "No run of this study was recorded with monitor=True (config key `monitor`)."]
+
+
+def test_shown_paths_have_no_machine_prefix(tmp_path, monkeypatch):
+    project = tmp_path / "course" / "main"
+    (project / "runs").mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    monkeypatch.setattr(pipeline, "REPO_ROOT", project)
+    shared = tmp_path / "course" / "shared" / "data" / "cifar10-subset.npz"
+    assert pipeline.shown_path(project / "runs" / "x") == "runs/x"
+    assert pipeline.shown_path(shared) == "../shared/data/cifar10-subset.npz"
+    config = {"dataset": str(shared), "data_root": str(project / "data"), "seeds": [0]}
+    shown = pipeline.shown_config(config)
+    assert shown == {"dataset": "../shared/data/cifar10-subset.npz", "data_root": "data", "seeds": [0]}
+    assert config["dataset"] == str(shared)                     # the config itself is left alone
+    assert pipeline.shown_config({"dataset": "cifar10"})["dataset"] == "cifar10"   # a name is not a path
+    assert str(tmp_path) not in pipeline.config_frame(config).to_string()
