@@ -759,6 +759,40 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
         yield loss_fn, projectors
 
 
+def _prepare_student(method: str, teacher: nn.Module, student: nn.Module, dataset: Dataset, teacher_layers,
+                     student_layers, teacher_name: str | None, student_name: str | None, cache: dict,
+                     device: torch.device | str | None, progress: bool, seed: int
+                     ) -> tuple[nn.Module, list[int], list[int]]:
+    """The student as it trains (wrapped for SimKD) and its resolved layer pairs (SimKD: the deepest pair only)."""
+    spec = REGISTRY[method]
+    s_layers, t_layers = _resolve_layers(method, spec, teacher, dataset, teacher_layers, student_layers,
+                                         teacher_name, student_name, cache, device, progress)
+    if spec.feature == "simkd":
+        s_layers, t_layers = s_layers[-1:], t_layers[-1:]
+        student = simkd_student(teacher, student, s_layers[0], t_layers[0], dataset.image_size, seed)
+    return student, s_layers, t_layers
+
+
+def fill_teacher_cache(teacher: nn.Module, student: str, dataset: Dataset, method: str, *, cache: dict,
+                       teacher_layers: Sequence[int] | None = None, student_layers: Sequence[int] | None = None,
+                       seed: int = 0, augment: bool = False, cache_budget_mb: float | None = None,
+                       device: torch.device | str | None = None, batch_size: int = 128,
+                       teacher_name: str | None = None) -> dict:
+    """Put in `cache` what distill(teacher, student, dataset, method, cache=cache, ...) reads from the teacher (KQ
+    selection, feature shapes, features and logits), without training; returns `cache`. The teacher is frozen."""
+    seed_everything(seed)
+    built = build_model(student, dataset.num_classes, dataset.image_size)
+    teacher.eval().requires_grad_(False)
+    built, s_layers, t_layers = _prepare_student(method, teacher, built, dataset, teacher_layers, student_layers,
+                                                 teacher_name or getattr(teacher, "kd_name", None), student, cache,
+                                                 device, False, seed)
+    with distill_loss(teacher, built, dataset, method, teacher_layers=t_layers, student_layers=s_layers, seed=seed,
+                      augment=augment, cache=cache, cache_budget_mb=cache_budget_mb, device=device,
+                      batch_size=batch_size, progress=False):
+        pass
+    return cache
+
+
 def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, method: str, *,
             teacher_layers: Sequence[int] | None = None, student_layers: Sequence[int] | None = None,
             epochs: int, lr: float, seed: int = 0, batch_size: int = 128, weight_decay: float = 0.01,
@@ -810,11 +844,9 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
         kq_based = spec.layers not in ("", "standard")
         if saved is not None and kq_based and teacher_layers is None:   # resume without re-running KQ
             teacher_layers = saved.get("teacher_layers") or None
-        s_layers, t_layers = _resolve_layers(method, spec, teacher, dataset, teacher_layers, student_layers,
-                                             teacher_name, student_name, cache, device, progress)
-        if spec.feature == "simkd":           # the deepest pair only; the student trains and predicts wrapped
-            s_layers, t_layers = s_layers[-1:], t_layers[-1:]
-            student = simkd_student(teacher, student, s_layers[0], t_layers[0], dataset.image_size, seed)
+        student, s_layers, t_layers = _prepare_student(method, teacher, student, dataset, teacher_layers,
+                                                       student_layers, teacher_name, student_name, cache, device,
+                                                       progress, seed)
         meta = {"method": method, "student": student_name, "teacher": teacher_name, "student_layers": s_layers,
                 "teacher_layers": t_layers, "teacher_fingerprint": fingerprint,
                 "temperature": (spec.temperature if temperature is None else temperature) if spec.kl else None}

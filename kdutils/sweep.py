@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from kdutils import pipeline
-from kdutils.distill import REGISTRY, distill, distill_loss, layer_arguments, simkd_student
+from kdutils.distill import REGISTRY, distill, fill_teacher_cache, layer_arguments
 from kdutils.pipeline import NOTEBOOKS, PAIRS, PARAMETERS, PRESETS, RESULTS_FILE
 from kdutils.pipeline import write_atomic
 from kdutils.report import save_figure
@@ -196,30 +196,15 @@ def _map_arrays(obj: Any, convert: Callable[[Any], Any], kind: type) -> Any:
 def build_teacher_cache(run_dir: str, config: dict, methods: Sequence[str], data_root: str, device: str,
                         threads: int, cache_mb: float | None) -> dict:
     """Ray task: one teacher pass building the feature/logit cache of `methods`, returned as numpy arrays."""
-    from kdutils.distill import _resolve_layers
-    from kdutils.models import build_model
-    from kdutils.train import seed_everything
     _set_threads(threads)
     device = torch.device(device)
     selection, data, teacher = _load_combination(Path(run_dir), config, data_root, device)
-    teacher.eval().requires_grad_(False)
     cache: dict = {}
-    seed = config["seeds"][0]
-    for method in methods:           # distill's own set-up, without training
-        spec = REGISTRY[method]
-        layers = layer_arguments(method, selection)
-        s_layers, t_layers = _resolve_layers(method, spec, teacher, data, layers.get("teacher_layers"),
-                                             layers.get("student_layers"), config["teacher"], config["student"],
-                                             cache, device, False)
-        seed_everything(seed)
-        student = build_model(config["student"], data.num_classes, data.image_size)
-        if spec.feature == "simkd":
-            s_layers, t_layers = s_layers[-1:], t_layers[-1:]
-            student = simkd_student(teacher, student, s_layers[0], t_layers[0], data.image_size, seed)
-        with distill_loss(teacher, student, data, method, teacher_layers=t_layers, student_layers=s_layers,
-                          seed=seed, augment=config["augment"], cache=cache, cache_budget_mb=cache_mb,
-                          device=device, batch_size=config["batch_size"], progress=False):
-            pass
+    for method in methods:
+        fill_teacher_cache(teacher, config["student"], data, method, cache=cache, seed=config["seeds"][0],
+                           augment=config["augment"], cache_budget_mb=cache_mb, device=device,
+                           batch_size=config["batch_size"], teacher_name=config["teacher"],
+                           **layer_arguments(method, selection))
     return _map_arrays(cache, lambda t: t.cpu().numpy(), torch.Tensor)
 
 

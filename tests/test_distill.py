@@ -9,8 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kdutils.data import batches, load_dataset
-from kdutils.distill import (METHODS, distill, distill_loss, feature_loss, feature_map, kd_loss, make_projectors,
-                             pair_layers, teacher_targets)
+from kdutils.distill import (METHODS, distill, distill_loss, feature_loss, feature_map, fill_teacher_cache, kd_loss,
+                             make_projectors, pair_layers, teacher_targets)
 from kdutils.layers import extract, standard_layers
 from kdutils.models import build_model
 from kdutils.train import load_checkpoint, seed_everything, state_fingerprint
@@ -347,6 +347,28 @@ def test_cache_reuse_and_invalidation(tiny, capsys, tmp_path):
     assert old_entry["tensors"][0].dtype == torch.float16
     assert not torch.equal(old_entry["tensors"][0], new_entry["tensors"][0])
     handle.remove()
+
+
+@pytest.mark.parametrize("method", ["feature_kd", "hinton_kd", "fitnets_kd"])
+def test_fill_teacher_cache_leaves_nothing_for_distill_to_compute(tiny, capsys, method):
+    seed_everything(5)
+    teacher = build_model(SMALL, 10)
+    layers = {"teacher_layers": SMALL_LAYERS} if method == "feature_kd" else {}   # the others pick their own
+    cache = fill_teacher_cache(teacher, STUDENT, tiny, method, cache={}, batch_size=8, device="cpu", **layers)
+    assert "cached on cpu" in capsys.readouterr().out
+    calls, handle = count_forwards(teacher)
+    plain = distill(teacher, STUDENT, tiny, method, epochs=1, lr=0.005, seed=0, batch_size=8, cache={},
+                    progress=False, device="cpu", **layers)          # a fresh cache: distill runs the teacher
+    fresh = calls[0]
+    capsys.readouterr()
+    cached = distill(teacher, STUDENT, tiny, method, epochs=1, lr=0.005, seed=0, batch_size=8, cache=cache,
+                     progress=False, device="cpu", **layers)
+    handle.remove()
+    assert fresh >= 1
+    assert calls[0] == fresh, "distill ran the teacher although fill_teacher_cache had filled the cache"
+    assert "reusing the cache" in capsys.readouterr().out
+    assert [r["test_acc"] for r in cached] == [r["test_acc"] for r in plain]
+    assert [r["loss"] for r in cached] == pytest.approx([r["loss"] for r in plain], rel=1e-3)
 
 
 def test_teacher_on_the_fly_with_augmentation_or_small_budget(tiny, capsys):
