@@ -19,6 +19,7 @@ from scipy import stats
 
 from kdutils.data import Dataset
 from kdutils.distill import distill
+from kdutils.kq import top_k  # noqa: F401  (notebook 6 imports it from here)
 
 # Scores a layer can be ranked by: the paper's four (kdutils.kq), a linear probe and depth.
 PREDICTORS = {"quality": "Q = S + sqrt(IE)", "separation": "S", "information": "I", "efficiency": "E",
@@ -113,14 +114,6 @@ def rank_correlations(sweep: pd.DataFrame, scores: pd.DataFrame, predictors: Seq
                      "ci_high": float(np.quantile(d, 1 - alpha)) if d.size else float("nan"),
                      "layers": len(layers)})
     return pd.DataFrame(rows).set_index("predictor")
-
-
-def top_k(scores: pd.Series, k: int) -> list[int]:
-    """The k layers with the largest score, in depth order (ties to the shallower layer, NaN never chosen)."""
-    valid = [(float(s), int(i)) for i, s in scores.items() if not np.isnan(s)]
-    if not 1 <= k <= len(valid):
-        raise ValueError(f"cannot pick k={k} layers from {len(valid)} scored layers.")
-    return sorted(i for _, i in sorted(valid, key=lambda t: (-t[0], t[1]))[:k])
 
 
 def compare_selections(teacher: nn.Module, student: str, data: Dataset, selections: dict[str, Sequence[int]],

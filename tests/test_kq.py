@@ -263,6 +263,8 @@ def test_select_layers_top_k_in_depth_order_with_ties():
         kq.select_layers(df, k=7)
     with pytest.raises(ValueError, match="k=6"):
         kq.select_layers(df, k=6, by="sqrt_ie")                      # only 5 finite scores
+    assert kq.select_layers(df, k=2, by="depth") == [4, 5]           # the course's rule: the deepest layers
+    assert kq.select_layers(df.iloc[[0, 2, 3]], k=2, by="depth") == [2, 3]   # of the table's layers, by index
 
 
 # ------------------------------------------------------------------------------------------------------------------
