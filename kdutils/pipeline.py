@@ -142,8 +142,9 @@ def _preset(dataset: str, pair: str, *, epochs: tuple[int, int], seeds: list[int
 PRESETS = {
     "quick": _preset("digits", _CPU_PAIR, epochs=(4, 4), seeds=[0], pretrained=False, methods=_CPU_METHODS,
                      image_size=16, validation_epochs=2),
-    # Sized from measured epoch times on 2 cores (shared subset: 4,500 training images after the validation split):
-    # teacher ~27 s/epoch, student ~13 s/epoch; notebook 5 is 18 runs x 8 epochs, notebook 6 about 34 x 4.
+    # Sized to about 80 minutes for notebooks 1-6 on 2 cores, from measured epoch times on the shared subset (4,500
+    # training images after the validation split): teacher ~65 s/epoch, students ~11-15 s/epoch; notebook 5 is 18
+    # runs x 8 epochs, notebook 6 is 20 single-layer runs + 2 x (distinct selections, 5 here) of 4 epochs.
     "cifar10-cpu": _preset("cifar10", _CPU_PAIR, epochs=(10, 8), seeds=[0, 1, 2], pretrained=False,
                            methods=_CPU_METHODS, per_class=500, validation_epochs=4),
     "cifar10": _preset("cifar10", "resnet34-resnet9", epochs=(50, 50), seeds=[0, 1, 2], pretrained=True,
@@ -161,8 +162,9 @@ PRESETS = {
 PRESET_NOTES = {
     "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline); notebooks 1-5 in about "
              "3 minutes on 2 cores (about 5 with notebook 6)",
-    "cifar10-cpu": "CIFAR-10 (500 train images per class, full test set) with the CPU-scale pair and 3 seeds; "
-                   "CPU, about an hour",
+    "cifar10-cpu": "CIFAR-10 (500 train images per class, 10% of them held out for validation; the full test set) "
+                   "with the CPU-scale pair, 10 + 8 epochs, 3 seeds (notebook 6: 4-epoch runs, 2 seeds); "
+                   "notebooks 1-6 in 82 minutes on 2 CPU cores (measured on the shared subset, 2026-12-02)",
     "cifar10": "the paper's setting on CIFAR-10 (50 epochs, AdamW/OneCycle, no augmentation, 3 seeds); GPU",
     "cifar100": "the paper's setting on CIFAR-100 (fine labels); GPU",
     "tinyimagenet": "the paper's setting on Tiny ImageNet (64x64, 200 classes); GPU",
@@ -420,12 +422,12 @@ def default_run_dir(preset: str) -> Path:
 def shown_path(path: str | Path) -> str:
     """A path as notebooks print it: relative to the project folder when inside it or beside it (`../shared/...`),
     else as given (no machine paths in outputs)."""
-    path = Path(path).expanduser().resolve()
-    base = _project_base().resolve()
-    if path.is_relative_to(base):
-        return str(path.relative_to(base))
-    if base.parent != Path(base.anchor) and path.is_relative_to(base.parent):
-        return os.path.relpath(path, base)
+    for path, base in ((Path(os.path.abspath(Path(path).expanduser())), Path(os.path.abspath(_project_base()))),
+                       (Path(path).expanduser().resolve(), _project_base().resolve())):   # as given, then real
+        if path.is_relative_to(base):
+            return str(path.relative_to(base))
+        if base.parent != Path(base.anchor) and path.is_relative_to(base.parent):
+            return os.path.relpath(path, base)
     return str(path)
 
 
@@ -850,7 +852,7 @@ def absolute_paths(params: dict) -> dict:
         if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
             continue
         if key == "data_root" or value.lower().endswith(".npz") or "/" in value or Path(value).is_file():
-            out[key] = str(Path(value).expanduser().resolve())
+            out[key] = os.path.abspath(Path(value).expanduser())   # symlinks kept: ../shared stays ../shared
     return out
 
 

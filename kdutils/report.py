@@ -2,7 +2,8 @@
 
 `python -m kdutils.report RUN_DIR [RUN_DIR ...]` (re)writes, for each run directory, RUN_DIR/results.md and
 RUN_DIR/figures/{result_panel.png, result_panel_best.png, accuracy_curves.png} from RUN_DIR/results.json (written by
-notebook 05_compare_to_hinton_kd). Every file is written to a temporary file in its folder and renamed into place, so
+notebook 05_compare_to_hinton_kd), plus gradient_conflict.png and feature_distance.png when the run was monitored
+and kq_rank_correlations.png when notebook 6 added its kq_validation block. Every file is written to a temporary file in its folder and renamed into place, so
 an interrupted report never leaves half a file. Nothing is trained or recomputed.
 """
 from __future__ import annotations
@@ -13,10 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
 from matplotlib.figure import Figure
 
 from kdutils.pipeline import RESULTS_FILE, require_artifact, results_markdown, write_atomic
-from kdutils.plots import plot_accuracy_curves, plot_result_panel
+from kdutils.plots import (plot_accuracy_curves, plot_feature_distance, plot_gradient_conflict, plot_rank_correlations,
+                           plot_result_panel)
 
 RESULTS_NOTEBOOK = "05_compare_to_hinton_kd.ipynb"
 DPI = 120
@@ -24,6 +27,10 @@ FIGURES = {  # output name: (file under RUN_DIR/figures, what it shows)
     "result_panel": ("result_panel.png", "gain over the CE student, final epoch (our headline)"),
     "result_panel_best": ("result_panel_best.png", "gain over the CE student, best epoch (the paper's protocol)"),
     "accuracy_curves": ("accuracy_curves.png", "test accuracy per epoch, first epoch reaching CE's best"),
+    "gradient_conflict": ("gradient_conflict.png", "cosine of the logit and feature gradients per stage (monitored)"),
+    "feature_distance": ("feature_distance.png", "feature MSE of each distilled pair to the teacher (monitored)"),
+    "kq_rank_correlations": ("kq_rank_correlations.png", "notebook 6: Spearman's rho of each score with a layer's "
+                                                         "measured value"),
 }
 
 
@@ -35,13 +42,23 @@ def save_figure(fig: Figure, path: Path) -> Path:
 def _figures(results: dict) -> dict[str, Figure]:
     """The report's figures of one results dict, by output name."""
     where = f"{results.get('dataset', '?')} ({results.get('preset', '?')})"
-    return {
+    figures = {
         "result_panel": plot_result_panel(results, metric="final",
                                           title=f"{where}: final-epoch accuracy gain over the student"),
         "result_panel_best": plot_result_panel(results, metric="best",
                                                title=f"{where}: best-epoch accuracy gain over the student"),
         "accuracy_curves": plot_accuracy_curves(results),
     }
+    monitored = [r.get("monitor", {}) for r in results["methods"].values()]
+    if any(m.get("grad_cosine") for m in monitored):
+        figures["gradient_conflict"] = plot_gradient_conflict(results)
+    if any(m.get("feature_mse") for m in monitored):
+        figures["feature_distance"] = plot_feature_distance(results)
+    correlations = results.get("kq_validation", {}).get("correlations")
+    if correlations:
+        figures["kq_rank_correlations"] = plot_rank_correlations(
+            pd.DataFrame(correlations).T, title=f"{where}\nwhich score predicts a teacher layer's value?")
+    return figures
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:

@@ -496,3 +496,19 @@ def test_shown_paths_have_no_machine_prefix(tmp_path, monkeypatch):
     assert config["dataset"] == str(shared)                     # the config itself is left alone
     assert pipeline.shown_config({"dataset": "cifar10"})["dataset"] == "cifar10"   # a name is not a path
     assert str(tmp_path) not in pipeline.config_frame(config).to_string()
+
+
+def test_dataset_paths_keep_symlinked_folders(tmp_path, monkeypatch):
+    """A dataset beside the project reached through a symlink (../shared -> elsewhere) still prints as ../shared."""
+    project = tmp_path / "course" / "main"
+    project.mkdir(parents=True)
+    (project / "pyproject.toml").write_text("")
+    elsewhere = tmp_path / "elsewhere" / "data"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "x.npz").write_bytes(b"")
+    (tmp_path / "course" / "shared").symlink_to(tmp_path / "elsewhere")
+    monkeypatch.setattr(pipeline, "REPO_ROOT", project)
+    monkeypatch.chdir(project)
+    params = pipeline.absolute_paths({"dataset": "../shared/data/x.npz"})
+    assert Path(params["dataset"]).is_absolute() and Path(params["dataset"]).is_file()
+    assert pipeline.shown_path(params["dataset"]) == "../shared/data/x.npz"

@@ -2,6 +2,7 @@
 synthetic results dict built by kdutils.pipeline.summarize_runs; the expected numbers are worked out by hand."""
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -256,3 +257,19 @@ def test_history_plot_integer_epochs_and_legend_outside():
     legend = fig.axes[-1].get_legend()
     box, axes_box = legend.get_window_extent(), fig.axes[-1].get_window_extent()
     assert box.x0 >= axes_box.x1 and fig.axes[0].get_legend() is None     # beside the axes, not over a curve
+
+
+def test_report_of_a_monitored_run_with_notebook_6(tmp_path):
+    """The committed quick report (monitored, with notebook 6's block) gets the three extra figures; a run without
+    them does not."""
+    results = json.loads((Path(__file__).resolve().parents[1] / "reports" / "quick" / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    paths = report.write_report(tmp_path)
+    assert {"gradient_conflict", "feature_distance", "kq_rank_correlations"} <= set(paths)
+    for name in ("gradient_conflict", "feature_distance", "kq_rank_correlations"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    del results["kq_validation"]
+    for method in results["methods"].values():
+        method.pop("monitor", None)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert set(report.write_report(tmp_path)) == {"results_md", "result_panel", "result_panel_best", "accuracy_curves"}
