@@ -27,7 +27,7 @@ import torch
 
 from kdutils import pipeline
 from kdutils import sweep as sw
-from kdutils.distill import REGISTRY, distill, layer_arguments
+from kdutils.distill import distill, layer_arguments
 from kdutils.train import load_model
 
 
@@ -45,7 +45,7 @@ def sequential_loop(run_dir: Path, config: dict, data_root: str) -> dict:
                               augment=config["augment"], cache=cache,
                               checkpoint=sw.student_checkpoint(run_dir, method, seed), progress=False,
                               **pipeline.student_recipe(config), **layer_arguments(method, selection),
-                              monitor=config["monitor"] and REGISTRY[method].feature == "mse")
+                              monitor=pipeline.monitored(config, method))
             final[f"{method}-seed{seed}"] = history[-1]["test_acc"]
     return {"seconds": time.perf_counter() - start, "final": final}
 

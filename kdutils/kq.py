@@ -227,10 +227,6 @@ def select_layers(qualities: pd.DataFrame, k: int = 4, by: str = "quality") -> l
         qualities = qualities.assign(depth=qualities.index.to_numpy(dtype=float))
     if by not in qualities.columns:
         raise ValueError(f"the table has no column {by!r}; pass the DataFrame from layer_qualities.")
-    finite = int(qualities[by].astype(float).notna().sum())
-    if not 1 <= k <= finite:
-        raise ValueError(f"cannot select k={k} layers: the table has {finite} layers with a finite {by!r}; "
-                         f"pass 1 <= k <= {finite} or compute more layers.")
     return top_k(qualities[by], k)
 
 

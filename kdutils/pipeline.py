@@ -379,6 +379,12 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
             f" (kdutils.pipeline.ASSUMED_TRAIN_FLOPS); downloads not included.")
 
 
+def monitored(config: dict, method: str) -> bool:
+    """Whether notebook 5 trains `method` with distill's monitor: the config's `monitor` key, for the methods with
+    paired 1x1-projector feature losses (the only ones distill can monitor)."""
+    return bool(config["monitor"]) and REGISTRY[method].feature == "mse"
+
+
 def student_recipe(config: dict) -> dict:
     """distill's epochs, lr, weight_decay and schedule for the students of a config (the long schedule brings its
     own weight decay, 5e-4)."""
@@ -965,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m kdutils.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run notebooks 1-5 (and 6 with --validate-kq) headless with papermill, in order, stopping at "
-                    "the first failing "
-                    "cell; executed copies go to RUN_DIR/executed/, the result table to RUN_DIR/results.md.",
+                    "the first failing cell; executed copies go to RUN_DIR/executed/, the result table to "
+                    "RUN_DIR/results.md.",
         epilog=describe_presets())
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="settings preset (default auto)")
     parser.add_argument("--run-dir", type=Path, help="where artifacts go (default runs/<preset>)")

@@ -3,8 +3,9 @@
 `python -m kdutils.report RUN_DIR [RUN_DIR ...]` (re)writes, for each run directory, RUN_DIR/results.md and
 RUN_DIR/figures/{result_panel.png, result_panel_best.png, accuracy_curves.png} from RUN_DIR/results.json (written by
 notebook 05_compare_to_hinton_kd), plus gradient_conflict.png and feature_distance.png when the run was monitored
-and kq_rank_correlations.png when notebook 6 added its kq_validation block. Every file is written to a temporary file in its folder and renamed into place, so
-an interrupted report never leaves half a file. Nothing is trained or recomputed.
+and kq_rank_correlations.png when notebook 6 added its kq_validation block. Every file is written to a temporary
+file in its folder and renamed into place, so an interrupted report never leaves half a file. Nothing is trained or
+recomputed.
 """
 from __future__ import annotations
 

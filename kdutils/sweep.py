@@ -240,7 +240,7 @@ def train_student(run_dir: str, config: dict, method: str, seed: int, data_root:
                       augment=config["augment"], cache=_cache_on(cache, device) if cache else {},
                       cache_budget_mb=cache_mb, checkpoint=checkpoint, device=device, progress=False,
                       **pipeline.student_recipe(config), **layer_arguments(method, selection),
-                      monitor=config["monitor"] and REGISTRY[method].feature == "mse")
+                      monitor=pipeline.monitored(config, method))
     return {"history": history, "status": status, "seconds": time.perf_counter() - start, "data_name": data.name,
             "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(), "device": str(device)}
 

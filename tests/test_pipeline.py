@@ -512,3 +512,12 @@ def test_dataset_paths_keep_symlinked_folders(tmp_path, monkeypatch):
     params = pipeline.absolute_paths({"dataset": "../shared/data/x.npz"})
     assert Path(params["dataset"]).is_absolute() and Path(params["dataset"]).is_file()
     assert pipeline.shown_path(params["dataset"]) == "../shared/data/x.npz"
+
+
+def test_monitored_methods():
+    config = resolve_config("quick")
+    assert [m for m in pipeline.METHODS if pipeline.monitored(config, m)] == \
+        [m for m in pipeline.METHODS if pipeline.REGISTRY[m].feature == "mse"]
+    assert pipeline.monitored(config, "feature_kd_ce") and not pipeline.monitored(config, "hinton_kd")
+    assert not pipeline.monitored(config, "simkd") and not pipeline.monitored(config, "sp_kd")
+    assert not pipeline.monitored({**config, "monitor": False}, "feature_kd_ce")
