@@ -11,7 +11,6 @@ the cache would exceed its memory budget, the teacher runs on the fly on the stu
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kdutils.data import Dataset, batches
+from kdutils.data import fingerprint as data_fingerprint   # `fingerprint` names the teacher's weights' hash here
 from kdutils.layers import extract, standard_layers, tap
 from kdutils.models import build_model
 from kdutils.train import (LossFn, autocast, default_device, fit, load_checkpoint, prepare_model, seed_everything,
@@ -87,10 +87,12 @@ REGISTRY: dict[str, Method] = {
     "sp_kd": Method("Sim. Pres.", "similarity-preserving KD: MSE of the whole batch Gram matrices of L2-normalised "
                     "features at the standard layers + CE + 16 KL(T = 4) (the released code compares only row 0 of "
                     "each matrix, METHOD.md 9.6)", feature="sp", layers="standard", temperature=4.0),
-    "simkd": Method("SimKD", "SimKD as the paper runs it: the student's last standard layer -> 3-layer conv projector "
-                    "-> a trainable copy of the teacher from its last standard layer on (that layer re-applied), "
-                    "whose logits are the prediction at test time too; MSE to the teacher's feature + CE + 16 KL "
-                    "(T = 4)", feature="simkd", layers="standard", temperature=4.0),
+    "simkd": Method("SimKD", "SimKD as the paper's code runs it: every standard layer pair one-to-one through its own "
+                    "3-layer conv projector, the feature MSE averaged over the pairs; the deepest pair's projector "
+                    "feeds a copy of the teacher from its deepest standard layer on (ResNet/ViT: that block "
+                    "re-applied; VGG: from its ReLU), trained but kept in eval mode (the teacher's BatchNorm "
+                    "statistics, no dropout), whose logits are the prediction at test time too; + CE + 16 KL (T = 4)",
+                    feature="simkd", layers="standard", temperature=4.0),
     "semckd": Method("SemCKD", "SemCKD: every student standard layer against every teacher standard layer through "
                      "3-layer conv projectors, weighted per sample by attention over teacher layers (MLPs on batch "
                      "Gram rows) + CE + 16 KL (T = 4)", feature="semckd", layers="standard", temperature=4.0),
@@ -260,14 +262,12 @@ def similarity_loss(student_feats: Sequence[torch.Tensor], targets: Sequence[tor
 
 def expand_pairs(method: str, student_layers: Sequence[int], teacher_layers: Sequence[int]
                  ) -> tuple[list[int], list[int]]:
-    """The (student, teacher) layer pairs a method compares, as two aligned lists: depth-order one-to-one pairs,
-    every student layer with every teacher layer for the "mse_all" methods (Base FKD+FC), or only the deepest pair
-    for SimKD."""
+    """The (student, teacher) layer pairs a method compares, as two aligned lists: depth-order one-to-one pairs
+    (SimKD included), or every student layer with every teacher layer for the "mse_all" methods (Base FKD+FC) and
+    SemCKD."""
     pairs = pair_layers(student_layers, teacher_layers)
     if REGISTRY[method].feature in ("mse_all", "semckd"):
         pairs = [(s, t) for s, _ in pairs for _, t in pairs]
-    elif REGISTRY[method].feature == "simkd":
-        pairs = pairs[-1:]
     return [s for s, _ in pairs], [t for _, t in pairs]
 
 
@@ -282,8 +282,9 @@ def three_layer_projector(c_in: int, c_out: int, rank: int = 2) -> nn.Sequential
 
 
 def _embedding_mlp(n: int) -> nn.Sequential:
-    """SemCKD's attention embedding: a batch Gram row (n values) -> 256 -> LeakyReLU -> 128 (L2-normalised later)."""
-    return nn.Sequential(nn.Linear(n, 256), nn.LeakyReLU(0.1, inplace=True), nn.Linear(256, 128))
+    """SemCKD's attention embedding, as the paper's code builds it: a batch Gram row (n values) -> Linear 256 ->
+    LeakyReLU(0.01) -> Linear 128 -> LeakyReLU(0.01) (L2-normalised by semckd_attention)."""
+    return nn.Sequential(nn.Linear(n, 256), nn.LeakyReLU(0.01), nn.Linear(256, 128), nn.LeakyReLU(0.01))
 
 
 def semckd_modules(s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], n_student: int, n_teacher: int,
@@ -300,25 +301,32 @@ def semckd_modules(s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], n_stude
                           "key": nn.ModuleList(_embedding_mlp(batch_size) for _ in range(n_teacher))})
 
 
+def semckd_attention(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
+                     modules: nn.ModuleDict) -> torch.Tensor:
+    """SemCKD's attention weights, (S, B, T): per layer the B x B dot-product Gram matrix of the flattened features,
+    each row through the layer's query (student) or key (teacher) MLP and L2-normalised; for student layer s and
+    sample b, softmax over teacher layers t of query_s(b) . key_t(b). In float32."""
+    def embed(f: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        flat = f.flatten(1).float()
+        return F.normalize(mlp(flat @ flat.T), dim=1)
+    queries = torch.stack([embed(f, m) for f, m in zip(student_feats, modules["query"])])           # (S, B, 128)
+    keys = torch.stack([embed(f, m) for f, m in zip(teacher_feats, modules["key"])])               # (T, B, 128)
+    return torch.einsum("sbd,tbd->sbt", queries, keys).softmax(dim=-1)
+
+
 def semckd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[torch.Tensor],
                 s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], modules: nn.ModuleDict) -> torch.Tensor:
     """SemCKD's feature loss on unique student and teacher layers (all-to-all pairs, student-major order).
 
-    Per layer, the B x B dot-product Gram matrix of the flattened features; each row through the layer's query
-    (student) or key (teacher) MLP, L2-normalised; for student layer s and sample b, the weights over teacher layers
-    are softmax_t(q_s(b) . k_t(b)). Loss = mean over samples of sum_t w_st(b) * MSE_b(projector_st(f_s), f_t),
+    With w_st(b) the attention weights of :func:`semckd_attention` (per sample b, a softmax over teacher layers t of
+    query-key products of batch Gram rows), loss = mean over samples of sum_t w_st(b) * MSE_b(projector_st(f_s), f_t),
     averaged over the student layers (feature weight 1, as in the paper's runs), in float32.
     """
     n_s, n_t = len(student_feats), len(teacher_feats)
     if len(modules["projectors"]) != n_s * n_t:
         raise ValueError(f"{len(modules['projectors'])} projectors for {n_s} x {n_t} layer pairs.")
     with torch.autocast(student_feats[0].device.type, enabled=False):
-        def embed(f: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
-            flat = f.flatten(1).float()
-            return F.normalize(mlp(flat @ flat.T), dim=1)
-        queries = torch.stack([embed(f, m) for f, m in zip(student_feats, modules["query"])])       # (S, B, 128)
-        keys = torch.stack([embed(f, m) for f, m in zip(teacher_feats, modules["key"])])           # (T, B, 128)
-        weights = torch.einsum("sbd,tbd->sbt", queries, keys).softmax(dim=-1)                      # (S, B, T)
+        weights = semckd_attention(student_feats, teacher_feats, modules)                         # (S, B, T)
         total = 0.0
         for i, f_s in enumerate(student_feats):
             for j, f_t in enumerate(teacher_feats):
@@ -332,44 +340,67 @@ def semckd_loss(student_feats: Sequence[torch.Tensor], teacher_feats: Sequence[t
 
 
 class SimKDStudent(nn.Module):
-    """SimKD's network, for training and inference alike: the student up to its last distilled layer, a 3-layer
-    projector onto the teacher's feature at its last distilled layer, then a trainable copy of the teacher from
-    that layer on (kdutils.layers.model_tail), whose logits are the prediction."""
+    """SimKD's network, for training and inference alike, as the paper's code builds it: the student, one 3-layer
+    projector per distilled layer pair (depth order, each onto its teacher layer's feature, compared by MSE), and a
+    copy of the teacher from its deepest distilled layer on (kdutils.layers.model_tail) that turns the deepest
+    pair's projected feature into the logits, the prediction. The tail is trained but always runs in eval mode
+    (BatchNorm on the teacher's running statistics, dropout off): train() switches only the student and projectors."""
 
-    def __init__(self, student: nn.Module, student_layer: int, projector: nn.Module, tail: nn.Module, rank: int,
-                 size: Shape):
+    def __init__(self, student: nn.Module, student_layers: Sequence[int], projectors: nn.ModuleList,
+                 tail: nn.Module, ranks: Sequence[int], sizes: Sequence[Shape]):
         super().__init__()
-        self.student, self.projector, self.tail = student, projector, tail
-        self.student_layer, self.rank, self.size = student_layer, rank, tuple(size)
+        if not (len(student_layers) == len(projectors) == len(ranks) == len(sizes)) or not projectors:
+            raise ValueError(f"SimKD needs one projector, rank and size per student layer; got {len(student_layers)} "
+                             f"layers, {len(projectors)} projectors, {len(ranks)} ranks and {len(sizes)} sizes.")
+        self.student, self.projectors, self.tail = student, projectors, tail
+        self.student_layers = list(student_layers)
+        self.ranks, self.sizes = list(ranks), [tuple(s) for s in sizes]
         self.kd_name = f"simkd({getattr(student, 'kd_name', type(student).__name__)})"
+        self.tail.eval()
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
-        """The projected student feature, (B, C_teacher, *space), compared with the teacher's by MSE."""
-        feature = extract(self.student, x, [self.student_layer], stop_early=True)[self.student_layer]
-        return self.projector(_pool(feature_map(feature, self.rank), self.size))
+    def train(self, mode: bool = True) -> "SimKDStudent":
+        """Set the student's and projectors' mode; the teacher's tail stays in eval mode (as in the authors' code)."""
+        super().train(mode)
+        self.tail.eval()
+        return self
+
+    def _projected(self, feature: torch.Tensor, i: int) -> torch.Tensor:
+        """Pair i's projector on the student's feature, pooled to the pair's size: (B, C_teacher, *space)."""
+        return self.projectors[i](_pool(feature_map(feature, self.ranks[i]), self.sizes[i]))
+
+    def project(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The projected student features, one per layer pair (deepest last), compared with the teacher's by MSE."""
+        feats = extract(self.student, x, self.student_layers, stop_early=True)
+        return [self._projected(feats[layer], i) for i, layer in enumerate(self.student_layers)]
 
     def classify(self, projected: torch.Tensor) -> torch.Tensor:
-        """Logits of the teacher's tail on a projected feature (tokens go back to (B, T, W) first)."""
-        return self.tail(projected.transpose(1, 2) if self.rank == 1 else projected)
+        """Logits of the teacher's tail on the deepest pair's projected feature (tokens back to (B, T, W) first)."""
+        return self.tail(projected.transpose(1, 2) if self.ranks[-1] == 1 else projected)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Student -> projector -> teacher tail."""
-        return self.classify(self.project(x))
+        """Student -> the deepest pair's projector -> teacher tail (the other projectors serve only the MSE)."""
+        layer = self.student_layers[-1]
+        feature = extract(self.student, x, [layer], stop_early=True)[layer]
+        return self.classify(self._projected(feature, len(self.student_layers) - 1))
 
 
-def simkd_student(teacher: nn.Module, student: nn.Module, student_layer: int, teacher_layer: int, image_size: int,
-                  seed: int = 0) -> SimKDStudent:
-    """Wrap a student for SimKD: a seeded 3-layer projector and a trainable copy of the teacher's tail."""
+def simkd_student(teacher: nn.Module, student: nn.Module, student_layers: Sequence[int],
+                  teacher_layers: Sequence[int], image_size: int, seed: int = 0) -> SimKDStudent:
+    """Wrap a student for SimKD: the layers paired in depth order, one seeded 3-layer projector per pair, and a
+    trainable, eval-mode copy of the teacher's tail from its deepest paired layer on."""
     from kdutils.layers import model_tail
+    pairs = pair_layers(student_layers, teacher_layers)
+    s_layers, t_layers = [s for s, _ in pairs], [t for _, t in pairs]
     device = next(teacher.parameters()).device
-    (s_shape,) = _feature_shapes(student.to(device), [student_layer], image_size, device)
-    (t_shape,) = _feature_shapes(teacher, [teacher_layer], image_size, device)
-    rank, cs, ct, size = _alignment(s_shape, t_shape)     # a smaller student map stays small: the tail pools
+    s_shapes = _feature_shapes(student.to(device), s_layers, image_size, device)
+    t_shapes = _feature_shapes(teacher, t_layers, image_size, device)
+    aligned = [_alignment(s, t) for s, t in zip(s_shapes, t_shapes)]  # a smaller student map stays small: tails pool
+    tail = model_tail(teacher, t_layers[-1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        projector = three_layer_projector(cs, ct, rank)
-    return SimKDStudent(student, student_layer, projector, model_tail(teacher, teacher_layer), rank, size)
-
+        projectors = nn.ModuleList(three_layer_projector(cs, ct, rank) for rank, cs, ct, _ in aligned)
+    return SimKDStudent(student, s_layers, projectors.to(device), tail, [a[0] for a in aligned],
+                        [a[3] for a in aligned])
 
 # ----------------------------------------------------------------------------------------------------------------
 # the teacher: shapes, forward passes, the feature/logit cache
@@ -401,15 +432,6 @@ def _teacher_forward(teacher: nn.Module, xb: torch.Tensor, layers: Sequence[int]
         with tap(teacher, list(layers)) as feats:
             logits = teacher(xb)
             return dict(feats), logits
-
-
-def _data_digest(data: Dataset) -> str:
-    """A cheap content digest of the train split (shape, labels, a strided sample of images) for cache keys."""
-    h = hashlib.sha256(str((data.name, tuple(data.x_train.shape))).encode())
-    step = max(1, data.num_train // 256)
-    h.update(data.x_train[::step].cpu().contiguous().numpy().tobytes())
-    h.update(data.y_train.cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _cache_budget_mb(device: torch.device, budget_mb: float | None) -> float:
@@ -479,7 +501,7 @@ def _teacher_lookup(teacher: nn.Module, data: Dataset, spec: Method, t_layers: S
 
     if augment:
         return on_the_fly("augmentation on: the teacher sees the student's augmented batch")
-    base = (fingerprint, data.name, data.num_train, _data_digest(data))
+    base = (fingerprint, data.name, data_fingerprint(data))      # the teacher's weights and the data's content
     keys = {}
     if spec.features:
         keys["features"] = (*base, tuple(layers), tuple(targets_shapes), kind)
@@ -548,9 +570,10 @@ def _resolve_layers(method: str, spec: Method, teacher: nn.Module, data: Dataset
         teacher_layers = standard
     elif teacher_layers is None:
         from kdutils.kq import kq_per_class, layer_qualities, select_layers
-        key = ("kq", state_fingerprint(teacher), data.name, data.num_train, _data_digest(data))
+        key = ("kq", state_fingerprint(teacher), data.name, data_fingerprint(data))
         if key not in cache:
-            per_class = kq_per_class(data.name, teacher_name or "")
+            per_class = kq_per_class(data.name, teacher_name or "", num_classes=data.num_classes,
+                                     image_size=data.image_size)
             cache[key] = layer_qualities(teacher, data, per_class=per_class, probe=False, cache_dir=None,
                                          device=device, progress=progress)
         teacher_layers = select_layers(cache[key], k=len(student_layers), by=spec.layers)
@@ -680,6 +703,9 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
     inner = student.student if simkd else student        # the network whose generalized layers are distilled
     device = torch.device(device) if device is not None else default_device()
     s_layers, t_layers = expand_pairs(method, student_layers, teacher_layers) if spec.features else ([], [])
+    if simkd and s_layers != student.student_layers:
+        raise ValueError(f"the SimKD student projects layers {student.student_layers} but student_layers resolve to "
+                         f"{s_layers}: wrap it with simkd_student for the same layers.")
     projectors = None
     lookup: TeacherLookup | None = None
     cache = {} if cache is None else cache
@@ -692,7 +718,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
         if shapes_key not in cache:        # so a cached run never runs the teacher, not even to probe shapes
             cache[shapes_key] = _feature_shapes(teacher, t_layers, data.image_size, device)
         t_shapes = cache[shapes_key]
-        if spec.features and not simkd:                  # SimKD's projector lives in its SimKDStudent
+        if spec.features and not simkd:                  # SimKD's projectors live in its SimKDStudent
             with torch.random.fork_rng(devices=[]):      # deterministic projectors, global RNG untouched
                 torch.manual_seed(seed)
                 if spec.feature == "semckd":
@@ -712,14 +738,15 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
 
         def loss_fn(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-            projected = model.project(xb) if simkd else None
-            logits = model.classify(projected) if simkd else model(xb)
+            projected = model.project(xb) if simkd else None              # SimKD: one per pair, deepest last
+            logits = model.classify(projected[-1]) if simkd else model(xb)
             terms = {"ce": F.cross_entropy(logits.float(), yb)}
             if lookup is not None:
                 targets, teacher_logits = lookup(xb, idx)
                 if simkd:
-                    with torch.autocast(xb.device.type, enabled=False):
-                        terms["feature"] = F.mse_loss(projected.float(), targets[0].float())
+                    with torch.autocast(xb.device.type, enabled=False):     # the mean over the pairs
+                        terms["feature"] = torch.stack([F.mse_loss(p.float(), t.float())
+                                                        for p, t in zip(projected, targets)]).mean()
                 elif spec.feature == "sp":
                     terms["feature"] = similarity_loss([feats[i] for i in s_layers], targets)
                 elif spec.feature == "semckd":
@@ -763,13 +790,13 @@ def _prepare_student(method: str, teacher: nn.Module, student: nn.Module, datase
                      student_layers, teacher_name: str | None, student_name: str | None, cache: dict,
                      device: torch.device | str | None, progress: bool, seed: int
                      ) -> tuple[nn.Module, list[int], list[int]]:
-    """The student as it trains (wrapped for SimKD) and its resolved layer pairs (SimKD: the deepest pair only)."""
+    """The student as it trains (wrapped for SimKD, with a projector per resolved pair) and its resolved layer
+    pairs."""
     spec = REGISTRY[method]
     s_layers, t_layers = _resolve_layers(method, spec, teacher, dataset, teacher_layers, student_layers,
                                          teacher_name, student_name, cache, device, progress)
     if spec.feature == "simkd":
-        s_layers, t_layers = s_layers[-1:], t_layers[-1:]
-        student = simkd_student(teacher, student, s_layers[0], t_layers[0], dataset.image_size, seed)
+        student = simkd_student(teacher, student, s_layers, t_layers, dataset.image_size, seed)
     return student, s_layers, t_layers
 
 

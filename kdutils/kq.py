@@ -12,12 +12,14 @@ Further conventions: the cosine of a zero feature vector is 0; E = 0 for a layer
 ED_c is capped at (largest class in B) - 1; select_layers breaks ties towards the shallower layer.
 
 Cost: per layer one float32 Gram matrix of the n_A x D features dominates, plus the class Gram matrices (about
-1/C of it) and the forward passes. Consecutive layers whose sampled features fit in GROUP_MB share one
-early-stopping forward pass, so a ResNet needs a few passes instead of one per layer.
+1/C of it) and the forward passes. Consecutive layers whose sampled features together fit in GROUP_MB, and in
+the largest single layer's, share one early-stopping forward pass: a ResNet needs a few passes instead of one per
+layer, and the features held at once never exceed one layer's (or GROUP_MB, if that is larger). At the
+tinyimagenet preset's settings (ResNet-34 at 64x64, n_A = 5000) the widest layer, 64x64x64, alone takes 5 GiB
+(see benchmarks/kq_bench.py --tinyimagenet for the measured peak).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -29,10 +31,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from kdutils.data import normalize
+from kdutils.data import fingerprint, normalize
 from kdutils.geometry import (MAX_DIM, class_balanced_sample, collect_features, feature_geometry, layer_outputs,
                               linear_probe, pool_features)
-from kdutils.train import hash_tensor, state_fingerprint
+from kdutils.train import state_fingerprint
 
 KQ_VERSION = 1            # bump when a formula changes: old cache files are then recomputed
 GROUP_MB = 1536.0        # sampled features of consecutive layers extracted in one forward pass, at most this size
@@ -44,14 +46,23 @@ COURSE_SELECT_BY = ("depth",)
 _LOG5 = math.log(5.0)
 
 
-def kq_per_class(dataset: str, teacher: str) -> int:
+TINY_IMAGENET_SHAPE = (200, 64)     # (classes, image size) of Tiny ImageNet: what kq_per_class's 50 keys on
+
+
+def kq_per_class(dataset: str, teacher: str, *, num_classes: int | None = None,
+                 image_size: int | None = None) -> int:
     """Images per class for the class spectra (subset B): 50 for CNN teachers on Tiny ImageNet, else 500.
 
     METHOD.md 3.1: the authors extract CNN teachers' Tiny ImageNet features from a 10k-image subset (50 per class);
-    every other case (CIFAR, ViT teachers) caps the class sample at 500.
+    every other case (CIFAR, ViT teachers) caps the class sample at 500. The rule keys on what the data is, not on
+    what it is called: the tinyimagenet dataset by name, or any data with Tiny ImageNet's shape, 200 classes at
+    64x64 (TINY_IMAGENET_SHAPE), such as the decoded .npz cache or a subset of it passed as a file. Pass the data's
+    `num_classes` and `image_size` when `dataset` is an .npz path (kdutils.data.peek_dataset reads them from the
+    file without loading the images).
     """
     from kdutils.models import is_vit
     tiny = str(dataset).strip().lower().replace("-", "").replace("_", "") in ("tinyimagenet", "tinyimagenet200")
+    tiny = tiny or (num_classes, image_size) == TINY_IMAGENET_SHAPE
     return 50 if tiny and not is_vit(teacher) else 500
 
 
@@ -122,17 +133,6 @@ def knowledge_quality(features: torch.Tensor | np.ndarray, labels: torch.Tensor 
 # ------------------------------------------------------------------------------------------------------------------
 # all layers of a model, cached
 
-def dataset_fingerprint(dataset, rows: np.ndarray | None = None) -> str:
-    """BLAKE2 hash (16 hex digits) of what KQ reads from a kdutils.data.Dataset: name, classes, mean/std, all train
-    labels, the train images at `rows` (all if None) and the test split."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{dataset.name}|{dataset.mean}|{dataset.std}|{tuple(dataset.classes)}".encode())
-    x_train = dataset.x_train if rows is None else dataset.x_train[torch.as_tensor(rows).to(dataset.x_train.device)]
-    for t in (dataset.y_train, x_train, dataset.x_test, dataset.y_test):
-        hash_tensor(h, t)
-    return h.hexdigest()
-
-
 def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = None, *, max_samples: int = 5000,
                    per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 128,
                    device: str | torch.device | None = None, cache_dir: str | Path | None = "cache/kq",
@@ -142,11 +142,13 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
 
     Features are the layer outputs on a seeded class-balanced sample of dataset's train split (normalised with
     dataset.mean/std, eval mode, inference_mode), from early-stopping forward passes batch by batch. Consecutive
-    layers whose sampled features together fit in `group_mb` MiB share one pass (fewer forward passes); each
-    layer is then analysed and freed in turn. group_mb=None extracts strictly one layer per pass (least memory).
+    layers whose sampled features together fit in `group_mb` MiB, and in the largest single layer's features,
+    share one pass (fewer forward passes, no more memory than the widest layer needs); each layer is then analysed
+    and freed in turn. group_mb=None extracts strictly one layer per pass.
     The probe is a logistic regression on globally average-pooled features (train: subset A, score: the test
-    split). Results are cached in `cache_dir` by (model state_dict hash, dataset hash, seed) plus the settings;
-    a cache whose key differs is ignored and rewritten. Returns {layer index: result dict}.
+    split). Results are cached in `cache_dir` by (model state_dict hash, the data's content fingerprint
+    kdutils.data.fingerprint, seed) plus the settings; a cache whose key differs is ignored and rewritten.
+    Returns {layer index: result dict}.
     """
     from kdutils.layers import generalized_layers
     from kdutils.train import default_device
@@ -158,8 +160,8 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
         raise ValueError(f"layers {bad} do not exist: the model has {len(gen)} generalized layers "
                          f"(0..{len(gen) - 1}); see kdutils.layers.layer_table(model, image_size).")
     sample = class_balanced_sample(dataset.y_train, max_samples, per_class, seed)
-    model_hash, data_hash = state_fingerprint(model), dataset_fingerprint(dataset, sample.index)
-    key = {"version": KQ_VERSION, "model": model_hash, "dataset": data_hash, "seed": int(seed),
+    model_hash, data_hash = state_fingerprint(model), fingerprint(dataset)
+    key = {"version": KQ_VERSION, "model": model_hash, "data_fingerprint": data_hash, "seed": int(seed),
            "max_samples": int(max_samples), "per_class": int(per_class), "num_train": int(dataset.num_train),
            "max_dim": -1 if max_dim is None else int(max_dim)}
     path = None
@@ -183,7 +185,7 @@ def layer_qualities(model: nn.Module, dataset, layers: Sequence[int] | None = No
 
     Columns: path, kind, shape, dim, separation, information, efficiency, sqrt_ie, quality, intra_cos, inter_cos,
     min_intra_cos, mean_norm, mean_min_dist, margin, volume_factor, ed_mean, ed_sum, truncation, entropy, id_g,
-    probe_acc (NaN when probe=False), seconds. attrs: model hash, dataset, seed and sample sizes.
+    probe_acc (NaN when probe=False), seconds. attrs: model hash, dataset, data fingerprint, seed and sample sizes.
     """
     analysis = layer_analysis(model, dataset, layers, max_samples=max_samples, per_class=per_class, seed=seed,
                               probe=probe, batch_size=batch_size, device=device, cache_dir=cache_dir,
@@ -203,7 +205,8 @@ def quality_table(analysis: dict[int, dict]) -> pd.DataFrame:
     df.index.name = "layer"
     if analysis:
         first = next(iter(analysis.values()))
-        df.attrs = {k: first[k] for k in ("model_hash", "dataset", "seed", "n_a", "n_b")}
+        df.attrs = {k: first[k] for k in ("model_hash", "dataset", "data_fingerprint", "seed", "n_a", "n_b")
+                    if k in first}
     return df
 
 
@@ -253,7 +256,8 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
     """Analyse the layers in `todo`, adding them to `cached` and to the cache file after each layer.
 
     Layers are extracted in groups: one early-stopping forward pass over the sample per group, where a group is a
-    run of consecutive layers whose sampled features fit in group_mb (None: one layer per pass).
+    run of consecutive layers whose sampled features fit in group_mb and in the largest layer's features (None:
+    one layer per pass).
     """
     from kdutils.layers import extract, generalized_layers
 
@@ -274,7 +278,8 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
             xb = normalize(x_sample[:1].to(device), dataset.mean, dataset.std)
             shapes = {i: tuple(o.shape[1:]) for i, o in extract(model, xb, todo, stop_early=True).items()}
         nbytes = {i: 4 * sample.n_a * math.prod(shapes[i]) for i in todo}
-        groups = _group_layers(sorted(todo), nbytes, None if group_mb is None else group_mb * 2 ** 20)
+        budget = None if group_mb is None else min(group_mb * 2 ** 20, max(nbytes.values()))   # one layer's worth
+        groups = _group_layers(sorted(todo), nbytes, budget)
         bar = tqdm(total=len(todo), desc="KQ layers", disable=not progress)
         for group in groups:
             t0 = time.perf_counter()
@@ -298,7 +303,8 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
                              "classes": sample.classes.tolist(), "labels": codes_a.numpy(),
                              "num_train": key["num_train"], "layer": i, "path": gen[i].path, "kind": gen[i].kind,
                              "shape": "x".join(map(str, shapes[i])), "probe_acc": acc, "model_hash": key["model"],
-                             "dataset": dataset.name, "seconds": shared + time.perf_counter() - t1}
+                             "dataset": dataset.name, "data_fingerprint": key["data_fingerprint"],
+                             "seconds": shared + time.perf_counter() - t1}
                 if path is not None:
                     _write_cache(path, key, cached)
                 bar.update(1)

@@ -135,18 +135,21 @@ class TokenMean(nn.Module):
 
 
 def model_tail(model: nn.Module, index: int) -> nn.Sequential:
-    """A trainable deep copy of a model from generalized layer `index` (that layer included) to its logits.
+    """A trainable deep copy of a model, in eval mode, from the module that is generalized layer `index` to its logits.
 
-    Its input has the shape of that layer's *output*: the layer is applied again (SimKD as the paper uses it, METHOD.md
-    9.7). Supported where `index` is a residual block of a ResNet, a conv-BN-ReLU unit of a VGG, or an encoder block
-    of a ViT (the teachers' standard layers all are).
+    Its input has the shape of that layer's *output*, as in the paper's SimKD code (METHOD.md 6 and 9.7): a ResNet
+    residual block or a ViT encoder block is applied again, a VGG tail starts at the unit's ReLU (ReLU -> ... ->
+    classifier; conv and BN are not re-applied; that ReLU is made out-of-place, so the tail never overwrites its
+    input). The copy is in eval mode like the frozen teacher it comes from (BatchNorm on the teacher's running
+    statistics, dropout off); its parameters require gradients. Supported where `index` is a residual block of a
+    ResNet, a conv-BN-ReLU unit of a VGG, or an encoder block of a ViT (the teachers' standard layers all are).
     """
     import copy
     from torchvision.models import VGG, ResNet
     from torchvision.models.vision_transformer import VisionTransformer
 
     layer = generalized_layers(model)[_check_indices(model, generalized_layers(model), [index])[0]]
-    model = copy.deepcopy(model).train().requires_grad_(True)
+    model = copy.deepcopy(model).eval().requires_grad_(True)
     modules = dict(model.named_modules())
     if isinstance(model, ResNet) and layer.kind == "block":
         stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
@@ -155,15 +158,15 @@ def model_tail(model: nn.Module, index: int) -> nn.Sequential:
         if blocks[start].downsample is not None:
             raise ValueError(f"{layer.path} changes the feature shape (a down-sampling block), so it cannot be "
                              f"re-applied to its own output: cut the tail at a block without down-sampling.")
-        return nn.Sequential(*blocks[start:], model.avgpool, model.fc)
+        return nn.Sequential(*blocks[start:], model.avgpool, model.fc).eval()
     if isinstance(model, VGG) and layer.path.startswith("features."):
-        k = int(layer.path.split(".")[1])
-        conv = max(j for j in range(k + 1) if isinstance(model.features[j], nn.Conv2d))
-        return nn.Sequential(*model.features[conv:], model.avgpool, model.classifier)
+        k = int(layer.path.split(".")[1])        # the unit's ReLU: the tail re-applies neither conv nor BN
+        model.features[k].inplace = False
+        return nn.Sequential(*model.features[k:], model.avgpool, model.classifier).eval()
     if isinstance(model, VisionTransformer) and layer.kind == "block":
         blocks = list(model.encoder.layers)
         start = blocks.index(modules[layer.path])
-        return nn.Sequential(*blocks[start:], model.encoder.ln, TokenMean(), model.heads)
+        return nn.Sequential(*blocks[start:], model.encoder.ln, TokenMean(), model.heads).eval()
     raise ValueError(f"cannot cut {type(model).__name__} at generalized layer {index} ({layer.kind} {layer.path}): "
                      f"a tail starts at a ResNet block, a VGG conv unit or a ViT encoder block.")
 

@@ -133,7 +133,7 @@ def ensure_inputs(run_dir: str | Path, notebook: str, config: dict, params: Mapp
         return []
     if not (on_colab(colab) if produce is None else produce):
         name, producer = missing[0]
-        pipeline.require_artifact(Path(run_dir) / name, producer)
+        pipeline.require_artifact(Path(run_dir) / name, producer, config["preset"])
     first = min(producer for _, producer in missing)
     earlier = [n for n in pipeline.NOTEBOOKS if first <= n < notebook]
     if notebooks_dir is None:
@@ -164,10 +164,17 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     the preset's value). notebook: its file name, e.g. "04_distill_without_ce.ipynb", whose inputs (INPUTS, or
     `needs` = [(artifact, producing notebook), ...]) must be in run_dir; on Colab (`colab`, default detected) or
     with produce=True, missing ones are made by running the earlier notebooks headless (ensure_inputs). Creates
-    run_dir and prints one line: preset, device, run_dir.
+    run_dir and prints one line: preset, device, run_dir. For notebook 1, a `pretrained` teacher whose ImageNet
+    weights cannot be loaded is decided here (one line says so; config holds pretrained False and
+    pretrained_requested True, so its table shows what is trained); notebook 6's validation split and kq_samples
+    are checked before anything trains (pipeline.check_validation_split, check_kq_samples).
     """
     config = pipeline.resolve_config(namespace.get("preset", "auto"), colab=colab,
                                      **pipeline.config_overrides(namespace))
+    if notebook == pipeline.VALIDATION_NOTEBOOK:  # before its single-layer sweep trains, not after it
+        facts = pipeline.dataset_facts(config["dataset"])
+        pipeline.check_validation_split(config, facts, notebook6=True)
+        pipeline.check_kq_samples(config, facts)
     run_dir = resolve_run_dir(namespace.get("run_dir"), config["preset"], colab=colab, mount=mount)
     data_root = Path(namespace["data_root"]).expanduser() if namespace.get("data_root") else \
         pipeline.default_data_root()
@@ -176,6 +183,12 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     params = {**pipeline.config_overrides(namespace),
               **({"data_root": str(data_root)} if namespace.get("data_root") else {})}
     ensure_inputs(run_dir, notebook, config, params, needs=needs, produce=produce, colab=colab)
+    if notebook == pipeline.NOTEBOOKS[0]:       # decided now, so the config table shows what is really trained
+        why = pipeline.pretrained_fallback(config, run_dir)
+        if why:
+            print(f"The teacher's ImageNet weights cannot be loaded ({why}); {config['teacher']} is trained from "
+                  f"scratch instead: pretrained False (pretrained_requested True).", flush=True)
+            config = {**config, "pretrained": False, "pretrained_requested": True}
     print(f"preset {config['preset']} | device {device} | run_dir {pipeline.shown_path(run_dir)}"
           + (" | on Colab" if on_colab(colab) else ""))
     return Setup(config, run_dir, data_root, device, config["seeds"][0])

@@ -14,23 +14,31 @@ Run notebooks 1-5 (6 with --validate-kq) headless, in order, stopping at the fir
     python -m kdutils.pipeline --preset quick --run-dir runs/quick -p student_epochs 2
     python -m kdutils.pipeline --list-presets
 
+Before the first kernel starts, the runner checks what the notebooks would refuse later (parameters, `parameters`
+cells, the dataset and whether the pair takes its images, the validation split, a writable run_dir), and it holds
+run_dir/run.lock for the whole run, so a second run into the same folder is refused (run_lock).
+
 papermill, nbformat and yaml are imported only by the runner and the CLI, so notebooks need none of them.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime as dt
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,7 +86,8 @@ IMAGE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
 PARAMETERS = {
     "dataset": "dataset name (digits, cifar10, cifar100, tinyimagenet) or a path to an .npz file",
     "per_class": "keep this many training images per class (seeded subset); all = the whole train split",
-    "image_size": "input height/width in pixels (the dataset decides; recorded for the models)",
+    "image_size": "input height/width in pixels: the data's own (a named dataset's, or read from the .npz file), "
+                  "recorded for the models; a value that differs from the data's is refused",
     "pair": "teacher-student pair (one of Pairs below); sets teacher, student and their peak LRs",
     "teacher": "teacher model name (kdutils.models)",
     "student": "student model name (kdutils.models)",
@@ -234,6 +243,24 @@ def _checked(key: str, value: Any, default: Any) -> Any:
     return value
 
 
+def data_shape(dataset: str) -> tuple[int | None, int | None]:
+    """(class count, image size) of a dataset name or an .npz file, without loading the images: a name's known
+    values, a file's from its x_train header and labels (kdutils.data.peek_npz); (None, None) for an unknown name
+    or a missing or unreadable file, which load_dataset refuses later with the reason."""
+    from kdutils.data import peek_npz
+    key = _dataset_key(dataset)
+    if key in IMAGE_SIZES and key in NUM_CLASSES:
+        return NUM_CLASSES[key], IMAGE_SIZES[key]
+    path = Path(str(dataset)).expanduser()
+    if not path.is_file():
+        return None, None
+    try:
+        facts = peek_npz(path)
+    except ValueError:
+        return None, None
+    return facts["num_classes"], facts["image_size"]
+
+
 def resolve_config(preset: str = "auto", *, colab: bool | None = None, **overrides: Any) -> dict:
     """The preset's settings with `overrides` applied; `pair`/`teacher`/`student` bring their peak LRs along.
     `colab` is passed to preset_name (it decides what 'auto' means)."""
@@ -265,10 +292,17 @@ def resolve_config(preset: str = "auto", *, colab: bool | None = None, **overrid
             config[f"{role}_lr"] = PEAK_LR[config[role]]
     if overrides.get("schedule") == "long" and "student_lr" not in overrides:
         config["student_lr"] = LONG_LR[config["student"]]
-    if "dataset" in overrides and "image_size" not in overrides:
-        config["image_size"] = IMAGE_SIZES.get(overrides["dataset"], config["image_size"])
+    dataset = overrides.get("dataset", config["dataset"])
+    classes, size = data_shape(dataset)    # of the data itself, when known without loading it (else None)
+    if size is not None:                   # the data decides the image size; an override must agree with it
+        if overrides.get("image_size", size) != size:
+            shown = dataset if _dataset_key(dataset) in IMAGE_SIZES else shown_path(dataset)
+            raise ValueError(f"image_size {overrides['image_size']} does not match the data: {shown} has "
+                             f"{size}x{size} images, and every model runs at the data's size. Drop -p image_size "
+                             f"(or resize the images into an .npz file and pass that as dataset).")
+        config["image_size"] = size
     if "kq_per_class" not in overrides and {"dataset", "pair", "teacher"} & set(overrides):
-        config["kq_per_class"] = kq_per_class(overrides.get("dataset", config["dataset"]), config["teacher"])
+        config["kq_per_class"] = kq_per_class(dataset, config["teacher"], num_classes=classes, image_size=size)
     config.update({k: v for k, v in overrides.items() if k not in ("pair", "teacher", "student")})
 
     config["pair"] = next((p for p, m in PAIRS.items() if m == {"teacher": config["teacher"],
@@ -300,8 +334,13 @@ def resolve_config(preset: str = "auto", *, colab: bool | None = None, **overrid
             raise ValueError(f"validation_layers {config['validation_layers']} has fewer than k={config['k']} layers: "
                              f"notebook 6 picks the k best of them; sweep at least k layers.")
     if config["validation_seeds"] > len(config["seeds"]):
-        raise ValueError(f"validation_seeds={config['validation_seeds']} but seeds has {len(config['seeds'])}: "
-                         f"notebook 6 uses the first validation_seeds of seeds; pass at most {len(config['seeds'])}.")
+        if "validation_seeds" not in overrides:      # the preset's min(2, its seeds): follow fewer seeds given
+            config["validation_seeds"] = len(config["seeds"])
+        else:
+            n = len(config["seeds"])
+            raise ValueError(f"validation_seeds={config['validation_seeds']} but seeds has {n}: notebook 6 trains "
+                             f"with the first validation_seeds of seeds. Pass -p validation_seeds {n} (or fewer), "
+                             f"or more seeds, e.g. -p seeds [{','.join(map(str, range(config['validation_seeds'])))}].")
     n_student = len(standard_layers(config["student"]))
     n_teacher = generalized_layer_count(config["teacher"])
     if not 1 <= config["k"] <= min(n_student, n_teacher):
@@ -346,10 +385,10 @@ def estimate_runtime(config: dict, device: str = "t4") -> dict:
     """
     if device not in ASSUMED_TRAIN_FLOPS:
         raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(ASSUMED_TRAIN_FLOPS)}.")
-    n_train, n_test = TRAIN_SIZES.get(config["dataset"], (50_000, 10_000))
+    facts = dataset_facts(config["dataset"])       # an .npz file's real split sizes and class count
+    n_train, n_test, classes = facts["num_train"], facts["num_test"], facts["num_classes"]
     if config.get("per_class"):
-        n_train = min(n_train, config["per_class"] * {"cifar100": 100, "tinyimagenet": 200}.get(config["dataset"], 10))
-    classes = {"cifar100": 100, "tinyimagenet": 200}.get(config["dataset"], 10)
+        n_train = sum(min(c, config["per_class"]) for c in facts["class_counts"])
     f_t = forward_flops(config["teacher"], classes, config["image_size"])
     f_s = forward_flops(config["student"], classes, config["image_size"])
     rate = ASSUMED_TRAIN_FLOPS[device]
@@ -525,12 +564,15 @@ def git_commit(repo: str | Path = REPO_ROOT) -> dict | None:
         return None
 
 
-def require_artifact(path: str | Path, notebook: str) -> Path:
-    """`path` if it exists, else a FileNotFoundError saying which notebook produces it."""
+def require_artifact(path: str | Path, notebook: str, preset: str | None = None) -> Path:
+    """`path` if it exists, else a FileNotFoundError saying which notebook produces it (with `preset`, the preset
+    the command it suggests must use)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"missing {path}: run notebooks/{notebook} first "
-                                f"(or the whole pipeline: python -m kdutils.pipeline --run-dir {path.parent}).")
+        with_preset = f"with preset = {preset!r}, " if preset else ""
+        flag = f"--preset {preset} " if preset else ""
+        raise FileNotFoundError(f"missing {path}: run notebooks/{notebook} first ({with_preset}or the whole "
+                                f"pipeline: python -m kdutils.pipeline {flag}--run-dir {path.parent}).")
     return path
 
 
@@ -550,8 +592,13 @@ def teacher_config(config: dict, run_dir: str | Path) -> dict:
     return out
 
 
-def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: dict[str, Path]) -> Path:
-    """Record a notebook's config, seeds, versions, device, git commit and artifact hashes in run_dir/manifests/."""
+def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: dict[str, Path],
+                   data: "kdutils.data.Dataset | None" = None) -> Path:
+    """Record a notebook's config, seeds, versions, device, git commit and artifact hashes in run_dir/manifests/.
+
+    With `data` (the dataset the notebook worked on), also what it was: name, source (shown_path of a file), content
+    fingerprint (kdutils.data.fingerprint, the one checkpoints record), split sizes, classes and image size.
+    """
     run_dir = Path(run_dir)
     config = teacher_config(config, run_dir)
     files = {}
@@ -572,6 +619,12 @@ def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: 
         "git": git_commit(),
         "artifacts": files,
     }
+    if data is not None:
+        from kdutils.data import DATASETS, fingerprint
+        source = data.source if data.source in DATASETS or not data.source else shown_path(data.source)
+        manifest["data"] = {"name": data.name, "source": source, "fingerprint": fingerprint(data),
+                            "num_train": data.num_train, "num_test": len(data.y_test),
+                            "num_classes": data.num_classes, "image_size": data.image_size}
     return write_json_atomic(run_dir / "manifests" / f"{Path(notebook).stem}.json", manifest)
 
 
@@ -803,9 +856,13 @@ class NotebookFailed(RuntimeError):
             notebook, executed, cell_index, ename, evalue
         self.executed_cell_index = executed_cell_index
         first_line = next((line for line in source.splitlines() if line.strip()), "")
-        where = f"cell {cell_index}" + (f" ({first_line[:60]!r})" if first_line else "")
-        super().__init__(f"{notebook} failed in {where}: {ename}: {evalue} "
-                         f"(traceback in the executed copy {executed})")
+        if cell_index is None:        # the runner, the kernel or a file write failed, not a cell
+            where = "outside its cells (the kernel or the runner)"
+        else:
+            where = f"in cell {cell_index}" + (f" ({first_line[:60]!r})" if first_line else "")
+        copy = f"traceback in the executed copy {executed}" if Path(executed).is_file() else \
+            "no executed copy was written"
+        super().__init__(f"{notebook} failed {where}: {ename}: {evalue} ({copy})")
 
 
 def _source_cell_index(notebook: Path, executed: Path, fallback: int | None) -> int | None:
@@ -874,70 +931,403 @@ def _kernel_manager_logging_to(log: Path) -> type:
     return LoggingKernelManager
 
 
+def _drop_unknown_parameter_warnings(record: logging.LogRecord) -> bool:
+    """Logging filter for papermill's logger: drop its 'Passed unknown parameter' warnings. run_pipeline gives every
+    notebook all settings on purpose (setup reads each config key from globals, so all notebooks share one config),
+    after checking every name against the config keys and the notebooks' parameters."""
+    return not record.getMessage().startswith("Passed unknown parameter")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# up-front checks: what a notebook would otherwise refuse only after its kernel has started
+
+# Training images per class of the named datasets, for the validation-split checks (digits: the smallest class of
+# its stratified 80% train split, 139 or 140 depending on the seed).
+CLASS_TRAIN_COUNTS = {"cifar10": 5000, "cifar100": 500, "tinyimagenet": 500, "digits": 139}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
+
+
+def has_parameters_cell(path: str | Path) -> bool:
+    """Whether a notebook has a cell tagged `parameters` (papermill injects its settings right after it)."""
+    import nbformat
+    return any("parameters" in c.metadata.get("tags", []) for c in nbformat.read(path, as_version=4).cells)
+
+
+def _dataset_key(name: str) -> str:
+    """A dataset name as kdutils.data.load_dataset matches it (case, '-', '_' and spaces ignored; its aliases)."""
+    from kdutils.data import _ALIASES
+    key = str(name).strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+    return _ALIASES.get(key, key)
+
+
+def dataset_facts(dataset: str) -> dict:
+    """Split sizes, class count, image size and training images per class of a dataset name or .npz file, without
+    a kernel: names from the tables above (nothing is downloaded), a file read and checked by kdutils.data's own
+    .npz checks, so a missing, corrupt or malformed file is refused here. Messages quote `dataset` as given (a
+    relative path is taken from the current directory, as absolute_paths does for the notebooks)."""
+    import numpy as np
+    from kdutils.data import DATASETS, _read_npz, _validate
+    text = str(dataset)
+    key, path = _dataset_key(text), Path(text).expanduser()
+    if text.lower().endswith(".npz") or (key not in DATASETS and path.is_file()):
+        if not path.is_file():
+            raise FileNotFoundError(f"dataset {text!r}: no such file ({os.path.abspath(path)}: a relative path starts "
+                                    f"at the current directory {os.getcwd()}). Check the path, or use a dataset name: "
+                                    f"{', '.join(DATASETS)}.")
+        try:
+            arrays = _validate(_read_npz(path), source=text)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"dataset {text!r}: {err}") from None
+        counts = np.bincount(arrays["y_train"], minlength=len(arrays["classes"])).tolist()
+        return {"given": text, "name": path.stem, "num_train": len(arrays["y_train"]),
+                "num_test": len(arrays["y_test"]), "num_classes": len(arrays["classes"]),
+                "image_size": int(arrays["x_train"].shape[1]), "class_counts": counts}
+    if key in DATASETS:
+        return {"given": text, "name": key, "num_train": TRAIN_SIZES[key][0], "num_test": TRAIN_SIZES[key][1],
+                "num_classes": NUM_CLASSES[key], "image_size": IMAGE_SIZES[key],
+                "class_counts": [CLASS_TRAIN_COUNTS[key]] * NUM_CLASSES[key]}
+    if "/" in text or os.sep in text or path.suffix:
+        raise FileNotFoundError(f"dataset {text!r}: no such file ({os.path.abspath(path)}: a relative path starts at "
+                                f"the current directory {os.getcwd()}). Check the path (an .npz with x_train, "
+                                f"y_train, x_test, y_test), or use a dataset name: {', '.join(DATASETS)}.")
+    raise ValueError(f"dataset {text!r} is neither a dataset name ({', '.join(DATASETS)}; case, '-' and '_' do not "
+                     f"matter) nor an existing file; check the spelling, or pass the path of an .npz file.")
+
+
+def check_models(config: dict, facts: dict) -> None:
+    """Refuse a teacher or student that cannot take the dataset's images (a ViT needs 32 or 64 px, VGG at least
+    32): both are built on the meta device, which allocates nothing."""
+    from kdutils.models import build_model
+    size = facts["image_size"]
+    for role in ("teacher", "student"):
+        try:
+            with torch.device("meta"):
+                build_model(config[role], max(2, facts["num_classes"]), image_size=size)
+        except ValueError as err:
+            raise ValueError(f"the {role} {config[role]} (pair {config['pair']}) cannot take the {size}x{size} images "
+                             f"of dataset {facts['given']!r}: {err}. Choose another pair (-p pair NAME, see "
+                             f"--list-presets) or a dataset whose images it takes.") from None
+
+
+def check_kq_samples(config: dict, facts: dict) -> None:
+    """Refuse a kq_samples that leaves KQ's statistics fewer than 2 images per class (notebooks 2, 3 and 6)."""
+    n, classes = config["kq_samples"], facts["num_classes"]
+    if n // classes < 2:
+        raise ValueError(f"kq_samples={n} leaves {n // classes} image(s) per class for the {classes} classes of "
+                         f"dataset {facts['given']!r}; KQ's statistics need at least 2 per class: pass -p kq_samples "
+                         f"{2 * classes} or more.")
+
+
+def check_validation_split(config: dict, facts: dict, *, notebook6: bool) -> None:
+    """Refuse a validation split the notebooks would refuse late: every class must hold out at least 1 image (2 when
+    notebook 6 runs: its KQ statistics on the validation images need pairs within a class) and keep 2 for training.
+    With val_fraction 0 only notebook 6 splits, 10% of the training images (series_data)."""
+    fraction = config["val_fraction"] or (0.1 if notebook6 else 0.0)
+    if not fraction:
+        return
+    need = 2 if notebook6 else 1
+    counts = [min(c, config["per_class"]) if config["per_class"] else c for c in facts["class_counts"]]
+
+    def fits(n: int, f: float) -> bool:
+        held = int(round(f * n))               # as kdutils.data.split_validation rounds
+        return held >= need and n - held >= 2
+
+    bad = [c for c in counts if not fits(c, fraction)]
+    if not bad:
+        return
+    c = min(bad)
+    held = int(round(fraction * c))
+    why = ("notebook 6 needs at least 2 validation images per class (its KQ statistics on them use pairs within a "
+           "class)" if notebook6 else "every class needs at least 1 validation image") + " and 2 training images"
+    fixes = []
+    if 0 < config["val_fraction"] or not notebook6:
+        fractions = [f / 100 for f in range(5, 100, 5) if all(fits(n, f / 100) for n in counts)]
+        fixes += [f"-p val_fraction {fractions[0]:g}"] if fractions else []
+    n_needed = next(n for n in range(1, 10**6) if fits(n, fraction))
+    if n_needed <= min(facts["class_counts"]):
+        fixes.insert(0, f"-p per_class {n_needed} or more")
+    of = f"per_class {config['per_class']}" if config["per_class"] and config["per_class"] <= c else "the dataset's"
+    raise ValueError(f"the validation split does not fit: {fraction:g} of {c} training images per class ({of}) "
+                     f"holds out {held} and keeps {c - held}, but {why}. "
+                     + (f"Pass {' or '.join(fixes)}." if fixes else "Use a dataset with more images per class."))
+
+
+def pretrained_fallback(config: dict, run_dir: str | Path) -> str | None:
+    """Why notebook 1 will train the teacher from scratch although `pretrained` asks for ImageNet weights (they
+    cannot be loaded, e.g. offline), or None: not asked, loadable (they are in the torch hub cache afterwards), or
+    notebook 1 already finished in run_dir (its teacher_metrics.json records what it used)."""
+    if not config["pretrained"] or (Path(run_dir) / "teacher_metrics.json").is_file():
+        return None
+    from kdutils import models
+    try:
+        models.download_weights(models._WEIGHTS[config["teacher"]])
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def _write_hint(err: OSError) -> str:
+    """What a failed write means and its fix, by errno (full disk, read-only or foreign folder), else ''."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the disk (or quota) holding it is full: free space, or choose another --run-dir"
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "it is not writable (a read-only filesystem or another user's folder): choose another --run-dir"
+    return ""
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse a run directory this process cannot write into (read-only, full), before any kernel starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as probe:
+            probe.write(b"\0" * 65536)
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        hint = _write_hint(err) or "choose another --run-dir (run_dir=)"
+        raise RuntimeError(f"cannot write into the run directory {folder} ({err.strerror or err}): {hint}.") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one run at a time per folder
+
+LOCK_FILE = "run.lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another live process holds a folder's lock (run.lock): two runs must not share a run directory."""
+
+
+def _process_token(pid: int) -> str | None:
+    """Boot id and start time of a running process (Linux /proc), to tell a reused pid from a lock's holder; None
+    where /proc does not say."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}:{Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's live process
+        return True
+    try:                            # a zombie (ended, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _ancestors() -> set[int]:
+    """This process and its parents' pids (from /proc; this process and its parent where /proc is missing)."""
+    pids, pid = {os.getpid(), os.getppid()}, os.getppid()
+    while pid > 1:
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            break
+        pids.add(pid)
+    return pids
+
+
+def _read_lock(lock: Path) -> dict | None:
+    """A lock file's record; None when it vanished; {} when it stays unreadable (being written, or damaged)."""
+    for _ in range(20):
+        try:
+            record = json.loads(lock.read_text())
+            if isinstance(record, dict) and "pid" in record:
+                return record
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)              # its writer created it an instant ago and is writing it
+    return {}
+
+
+def _lock_state(record: dict) -> str:
+    """'ours' (held by this process or an ancestor on this host), 'live', or 'stale' (its process has ended)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return "live"                 # another machine (a shared filesystem), or unreadable: cannot tell
+    pid = record["pid"]
+    if not _pid_alive(pid):
+        return "stale"
+    token = _process_token(pid)
+    if record.get("token") and token and token != record["token"]:
+        return "stale"                # the pid now belongs to another process
+    return "ours" if pid in _ancestors() else "live"
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | Path, what: str = "run directory") -> Iterator[Path]:
+    """Hold folder/run.lock for the block, so two runs never share a folder.
+
+    The lock file records pid, host, start time and command, created atomically (O_CREAT | O_EXCL). A folder locked
+    by a live process raises RunDirBusy naming it and since when; a lock left by a process that has ended on this
+    machine is taken over (with a line saying so); a lock of this process or of an ancestor is re-entered (a
+    notebook that runs earlier notebooks inside a pipeline run). The lock is removed on exit, Ctrl-C included.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "token": _process_token(os.getpid()),
+          "started": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+          "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:300] if sys.argv else ""}
+    owned = False
+    for _ in range(10):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            record = _read_lock(lock)
+            if record is None:
+                continue                                    # released meanwhile: try again
+            state = _lock_state(record) if record else "unreadable"
+            if state == "ours":
+                break
+            if state == "stale":
+                if _read_lock(lock) == record:              # still the same dead holder
+                    lock.unlink(missing_ok=True)
+                    print(f"{what} {shown_path(folder)}: taking over the lock of process {record['pid']} "
+                          f"(started {record.get('started', '?')}), which has ended.", flush=True)
+                continue
+            holder = (f"process {record['pid']} on {record.get('host', '?')}"
+                      f" ({record.get('command') or 'no command recorded'}), since {record.get('started', '?')}"
+                      if record else "a lock file that cannot be read")
+            raise RunDirBusy(f"{what} {folder} is in use by another run: {holder}. Wait for it to finish, or choose "
+                             f"another folder (--run-dir); if that run is gone (a crash on another machine, say), "
+                             f"delete {lock}.") from None
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me) + "\n")
+            owned = True
+            break
+    else:
+        raise RunDirBusy(f"could not take the lock {lock}: it keeps changing hands; is another run starting there?")
+    try:
+        yield lock
+    finally:
+        if owned and (_read_lock(lock) or {}).get("pid") == me["pid"]:
+            lock.unlink(missing_ok=True)
+
+
 def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None = None,
                  notebooks_dir: str | Path = NOTEBOOKS_DIR, kernel_name: str | None = None,
-                 log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS) -> dict:
-    """Execute the notebooks in order with papermill into run_dir/executed/, then tabulate run_dir/results.json."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
+                 log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS,
+                 lock: bool = True) -> dict:
+    """Execute the notebooks in order with papermill into run_dir/executed/, then tabulate run_dir/results.json.
 
+    Everything that can be checked without a kernel is checked first: parameters, notebooks (names with or without
+    .ipynb; each needs a `parameters` cell), the dataset (name, or an .npz file's contents), whether the pair takes
+    its images, the validation split, and whether run_dir is writable. run_dir is locked for the whole run
+    (run_lock: a second run into it is refused); `lock=False` when the caller already holds it (the sweep).
+    """
     params = dict(params or {})
     reserved = sorted({"preset", "run_dir"} & set(params))
     if reserved:
         raise ValueError(f"pass {' and '.join(reserved)} as arguments of run_pipeline (--preset/--run-dir), "
                          "not as notebook parameters.")
+    given = dict(params)             # as the user spelt them, for the messages of the checks below
     params = absolute_paths(params)  # the notebooks run with cwd=notebooks_dir, not the caller's directory
     config = resolve_config(preset, **{k: v for k, v in params.items() if k in PARAMETERS})
     notebooks_dir = Path(notebooks_dir).resolve()
-    paths = [notebooks_dir / name for name in notebooks]
-    missing = [str(p) for p in paths if not p.exists()]
+    names = [n if Path(n).suffix == ".ipynb" else f"{n}.ipynb" for n in map(str, notebooks)]  # 01_train_teacher
+    paths = [notebooks_dir / name for name in names]
+    missing = [p.name for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"notebook(s) not found: {', '.join(missing)}; pass notebooks_dir= "
-                                "(--notebooks-dir) pointing at the repository's notebooks/ folder.")
-    declared = set().union(*(notebook_parameters(p) for p in paths))
+        held = sorted(p.name for p in notebooks_dir.glob("*.ipynb")) if notebooks_dir.is_dir() else []
+        raise FileNotFoundError(f"notebook(s) {', '.join(missing)} not found in {notebooks_dir} (it holds: "
+                                f"{', '.join(held) or 'no notebooks'}); name them as listed (.ipynb may be left "
+                                f"out), or pass notebooks_dir= (--notebooks-dir) if they live elsewhere.")
+    untagged = [p.name for p in paths if not has_parameters_cell(p)]
+    if untagged:
+        raise ValueError(f"{', '.join(untagged)} has no cell tagged `parameters`: papermill would put --run-dir and "
+                         f"every -p at its top, above the notebook's own settings, which would then win (it would "
+                         f"write into its default run directory and ignore every setting given). Tag the cell that "
+                         f"sets preset and run_dir with `parameters` (Jupyter: the cell's Tags; nbformat: "
+                         f"cell.metadata['tags'] = ['parameters']).")
+    declared_by = {p.name: notebook_parameters(p) for p in paths}
+    declared = set().union(*declared_by.values())
     unknown = sorted(set(params) - set(PARAMETERS) - declared)
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)}: neither a config key ({', '.join(PARAMETERS)}) "
                          f"nor a parameter of the notebooks ({', '.join(sorted(declared)) or 'none'}).")
+    if any("dataset" in d for d in declared_by.values()):     # notebooks that load the data
+        facts = dataset_facts(given.get("dataset", config["dataset"]))
+        check_models(config, facts)
+        check_validation_split(config, facts, notebook6=VALIDATION_NOTEBOOK in names)
+        if any("kq_samples" in d for d in declared_by.values()):
+            check_kq_samples(config, facts)
 
     run_dir = Path(run_dir).resolve()  # absolute: the notebooks run with cwd=notebooks_dir
     taken = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
     if taken is not None and not taken.is_dir():
         raise ValueError(f"the run directory {run_dir} cannot be created: {taken} is a file. Pass a folder to "
                          f"--run-dir (run_dir=).")
-    (run_dir / "executed").mkdir(parents=True, exist_ok=True)
+    _check_writable(run_dir / "executed")
     kernel_name = kernel_name or current_kernel_name()
     parameters = {"preset": config["preset"], "run_dir": str(run_dir),
                   **({"progress": False} if "progress" in declared else {}), **params}  # one log line per epoch
+    with run_lock(run_dir) if lock else contextlib.nullcontext():
+        return _run_notebooks(run_dir, config, paths, parameters, notebooks_dir, kernel_name, log_output, progress)
+
+
+def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: dict, notebooks_dir: Path,
+                   kernel_name: str, log_output: bool, progress: bool) -> dict:
+    """run_pipeline's work once its checks passed: each notebook through papermill, then the results table."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
     log = print if progress else (lambda *a, **k: None)
     log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
+    why = pretrained_fallback(config, run_dir) if NOTEBOOKS[0] in {p.name for p in paths} else None
+    if why:
+        print(f"pipeline: the teacher's ImageNet weights cannot be loaded ({why}); notebook 1 trains "
+              f"{config['teacher']} from scratch instead (recorded as pretrained False, pretrained_requested True).",
+              file=sys.stderr, flush=True)
     finished: list[str] = []
-    kernel_manager = _kernel_manager_logging_to(run_dir / "executed" / "kernel.log")
-    for i, path in enumerate(paths, 1):
-        executed = run_dir / "executed" / path.name
-        log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
-        start = time.perf_counter()
-        try:
-            papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
-                                       language="python", cwd=str(notebooks_dir), log_output=log_output,
-                                       progress_bar=progress, kernel_manager_class=kernel_manager)
-        except KeyboardInterrupt:
-            raise PipelineInterrupted(finished, path.name) from None
-        except PapermillExecutionError as err:
-            if err.ename == "KeyboardInterrupt":      # the kernel got the same Ctrl-C
+    kernel_log = run_dir / "executed" / "kernel.log"
+    kernel_manager = _kernel_manager_logging_to(kernel_log)
+    papermill_log = logging.getLogger("papermill")
+    papermill_log.addFilter(_drop_unknown_parameter_warnings)
+    try:
+        for i, path in enumerate(paths, 1):
+            executed = run_dir / "executed" / path.name
+            log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
+            start = time.perf_counter()
+            try:
+                papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
+                                           language="python", cwd=str(notebooks_dir), log_output=log_output,
+                                           progress_bar=progress, kernel_manager_class=kernel_manager)
+            except KeyboardInterrupt:
                 raise PipelineInterrupted(finished, path.name) from None
-            index = _source_cell_index(path, executed, fallback=err.cell_index)
-            raise NotebookFailed(path.name, executed, index, err.ename, err.evalue, err.source,
-                                 executed_cell_index=err.cell_index) from err
-        except Exception as err:  # kernel death, timeouts: still name the notebook and the kernel's own log
-            raise NotebookFailed(path.name, executed, None, type(err).__name__,
-                                 f"{err} (the kernel's log: {run_dir / 'executed' / 'kernel.log'})") from err
-        log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
-        finished.append(path.name)
+            except PapermillExecutionError as err:
+                if err.ename == "KeyboardInterrupt":      # the kernel got the same Ctrl-C
+                    raise PipelineInterrupted(finished, path.name) from None
+                index = _source_cell_index(path, executed, fallback=err.cell_index)
+                raise NotebookFailed(path.name, executed, index, err.ename, err.evalue, err.source,
+                                     executed_cell_index=err.cell_index) from err
+            except OSError as err:    # a file the runner could not write: the executed copy, the kernel's log
+                hint = _write_hint(err)
+                raise NotebookFailed(path.name, executed, None, type(err).__name__,
+                                     f"{err}" + (f": {hint}" if hint else "")) from err
+            except Exception as err:  # kernel death, timeouts: still name the notebook and the kernel's own log
+                logged = kernel_log.is_file() and kernel_log.stat().st_size > 0
+                raise NotebookFailed(path.name, executed, None, type(err).__name__,
+                                     f"{err}" + (f" (the kernel's log: {kernel_log})" if logged else "")) from err
+            log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
+            finished.append(path.name)
+    finally:
+        papermill_log.removeFilter(_drop_unknown_parameter_warnings)
 
-    if NOTEBOOKS[4] not in {Path(n).name for n in notebooks} and not (run_dir / RESULTS_FILE).exists():
+    if NOTEBOOKS[4] not in {p.name for p in paths} and not (run_dir / RESULTS_FILE).exists():
         return {}                         # a partial series (e.g. notebooks 1-3): no results table yet
-    results = json.loads(require_artifact(run_dir / RESULTS_FILE, notebooks[-1]).read_text())
+    results = json.loads(require_artifact(run_dir / RESULTS_FILE, paths[-1].name, config["preset"]).read_text())
     table = results_markdown(results)
     (run_dir / "results.md").write_text(table)
     print(table)
@@ -1000,17 +1390,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         params = {name: parse_value(value) for name, value in args.parameter}
         run_dir = args.run_dir or default_run_dir(preset_name(args.preset))
-        if preset_name(args.preset) in GPU_PRESETS:
+        if preset_name(args.preset) in GPU_PRESETS:     # from the dataset's real sizes (an .npz file is read)
             print(runtime_estimate_text(resolve_config(args.preset, **{k: v for k, v in params.items()
                                                                        if k in PARAMETERS})), flush=True)
         run_pipeline(run_dir, args.preset, params, notebooks_dir=args.notebooks_dir, kernel_name=args.kernel,
-                     log_output=args.log_output, progress=not args.no_progress, notebooks=args.notebooks or [*NOTEBOOKS, *([VALIDATION_NOTEBOOK] if args.validate_kq else [])])
+                     log_output=args.log_output, progress=not args.no_progress,
+                     notebooks=args.notebooks or [*NOTEBOOKS, *([VALIDATION_NOTEBOOK] if args.validate_kq else [])])
     except ValueError as err:
         parser.error(str(err))
-    except (NotebookFailed, FileNotFoundError, RuntimeError) as err:
+    except (NotebookFailed, OSError, RuntimeError) as err:     # OSError: FileNotFoundError, a failed write
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:      # one line, not a traceback through papermill's event loop
+        # papermill's event loop may still hold a task that the interrupt cancelled mid-way; when it is collected,
+        # asyncio would log a 5-line "Task exception was never retrieved" traceback after this line
+        logging.getLogger("asyncio").disabled = True
         print(str(err) if isinstance(err, PipelineInterrupted) else
               "interrupted; run the same command again to resume.", file=sys.stderr)
         return 130

@@ -29,6 +29,7 @@ Ray moves the teacher cache between nodes, not checkpoints. Ray itself is import
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -159,7 +160,8 @@ def prepare_combination(run_dir: str, preset: str, params: dict, threads: int) -
     before = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = str(threads)     # the notebooks' kernels inherit it
     try:
-        pipeline.run_pipeline(run_dir, preset, params, progress=False, notebooks=TEACHER_NOTEBOOKS)
+        pipeline.run_pipeline(run_dir, preset, params, progress=False, notebooks=TEACHER_NOTEBOOKS,
+                              lock=False)   # the sweep's driver holds run_dir's lock for the whole sweep
     except FileNotFoundError as err:    # run_pipeline ends by reading results.json, which notebook 5 writes
         if RESULTS_FILE not in str(err) or not all((Path(run_dir) / n).is_file() for n in TEACHER_ARTIFACTS):
             raise
@@ -368,11 +370,16 @@ def run_sweep(root: str | Path, preset: str, datasets: Sequence[str], pairs: Seq
     if not 0 < gpus_per_student <= 1:
         raise ValueError(f"--gpus-per-student must be in (0, 1], e.g. 0.25 for four small students per GPU; "
                          f"got {gpus_per_student}.")
+    with contextlib.ExitStack() as held:  # one run per folder: the root and each combination (pipeline.run_lock)
+        for folder in (root, *(Path(c["run_dir"]) for c in cells)):
+            held.enter_context(pipeline.run_lock(folder, "sweep folder"))
+        locks = held.pop_all()             # released when the sweep ends, below
     started_ray = not ray.is_initialized()
     if started_ray:
         try:
             ray.init(address=address)
         except Exception as err:      # Ray raises a bare Exception when its node misses a start-up timeout
+            locks.close()
             raise RuntimeError(f"Ray could not {'join ' + address if address else 'start a local instance'} ({err}). "
                                f"On a busy machine Ray's agents can miss its fixed start-up timeouts: run again, or "
                                f"start Ray once with `ray start --head` and pass --address auto.") from err
@@ -399,6 +406,7 @@ def run_sweep(root: str | Path, preset: str, datasets: Sequence[str], pairs: Seq
         return _drive(ray, root, cells, data_root, device, threads, teacher_threads, cache_mb,
                       teacher_opts, student_opts, where, figures, log)
     finally:
+        locks.close()
         if started_ray:
             ray.shutdown()
 

@@ -5,8 +5,10 @@ import contextlib
 import hashlib
 import math
 import os
+import pickle
 import platform
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from kdutils.data import Dataset, batches, normalize
+from kdutils.data import Dataset, batches, fingerprint, normalize
 from kdutils.models import build_model, head_parameters
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +53,16 @@ DIVERGENCE_CHECK_EVERY = 50
 
 class TrainingDiverged(RuntimeError):
     """A training run's loss became non-finite or grew far above its start; nothing of it was saved."""
+
+
+def suggested_lr(model: str, schedule: str, lr: float) -> tuple[float, str]:
+    """The peak LR a divergence message suggests, and what it is: min(the presets' value for this model and
+    schedule (kdutils.pipeline.PEAK_LR / LONG_LR), lr / 10); lr / 10 for a model the presets do not know."""
+    from kdutils.pipeline import LONG_LR, PEAK_LR   # here: kdutils.pipeline imports this module
+    default = (LONG_LR if schedule == "long" else PEAK_LR).get(model)
+    if default is not None and default < lr / 10:
+        return default, f"the presets' value for {model}"
+    return lr / 10, "a tenth of it"
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -160,6 +172,18 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated/corrupt file or a pickle that is not plain data
         detail = " ".join(str(e).split())                  # torch's message spans lines: keep it on one
+        if isinstance(e, pickle.UnpicklingError) and "weights_only" in detail:
+            # torch's advice (retry with weights_only=False) would unpickle an unknown file: not ours to follow
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
+            if found:
+                raise RuntimeError(f"could not read checkpoint {path}: it holds Python objects other than tensors "
+                                   f"and plain data (such as {found.group(1)}), which are never unpickled here "
+                                   f"(unpickling can run arbitrary code), so save_checkpoint did not write it: "
+                                   f"delete it and train again.") from None
+            reason = re.split(r"\. | Check the documentation", detail.split("WeightsUnpickler error:")[-1])[0]
+            reason = reason.strip()[:200]
+            raise RuntimeError(f"could not read checkpoint {path}: it is not a file save_checkpoint writes (damaged, "
+                               f"or another program's; torch: {reason}): delete it and train again.") from None
         raise RuntimeError(f"could not read checkpoint {path}: delete it and train again ({type(e).__name__}: "
                            f"{detail[:400]}{'...' if len(detail) > 400 else ''})") from e
 
@@ -176,6 +200,22 @@ def _check_architecture(path: str | Path, saved: dict, model: str, num_classes: 
         return
     raise ValueError(f"{path} holds a {held[0]} {role} for {held[1]} classes, not a {model} for {num_classes} "
                      f"classes; choose another run directory (--run-dir) or delete {path}.")
+
+
+def _check_data(path: str | Path, recorded: dict, data: Dataset) -> None:
+    """Refuse a checkpoint whose record (config or meta) holds another data fingerprint than `data`'s, or none."""
+    now, source = fingerprint(data), data.source or f"this run's {data.name} data"
+    fix = "Delete the checkpoint or choose another run directory (--run-dir)."
+    old = recorded.get("data_fingerprint")
+    if old is None:
+        raise ValueError(f"{path} records no data fingerprint (it was written before kdutils recorded one), so "
+                         f"nothing shows it was trained on {source} (fingerprint {now}). {fix}")
+    if old != now:
+        was = recorded.get("data_source") or "its data"
+        what = ("its images or labels changed (the file was edited or replaced, or another subset or split of it "
+                "was taken)" if was == data.source else "other data")
+        raise ValueError(f"{path} was trained on data with fingerprint {old} (recorded from {was}); {source} now has "
+                         f"fingerprint {now}: {what}. {fix}")
 
 
 def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
@@ -226,6 +266,12 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs. `on_epoch_end(epoch,
     model, row)`, if given, runs after each epoch's evaluation and may add entries to that epoch's history row
     before it is checkpointed (distill records its loss terms and optional measurements this way).
+
+    Checkpoints record the content fingerprint of `data` (kdutils.data.fingerprint: both splits' images and labels)
+    and where it came from (data.source). An existing checkpoint is resumed or reused only if it records the same
+    fingerprint: one trained on data whose content differs (e.g. an .npz relabelled in place) is refused with a
+    message naming both fingerprints, and so is one that records none (written by an older kdutils): nothing shows
+    which data it saw, so it is safer to delete it (or choose another run directory) and train again.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -238,6 +284,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     model = prepare_model(model, device)
     if extra is not None:
         extra.to(device)
+    fingerprint(data)            # once, before the move: Dataset.to carries it over to the device copy
     data = data.to(device)
     drop_last = data.num_train > batch_size
     steps = data.num_train // batch_size if drop_last else -(-data.num_train // batch_size)
@@ -262,12 +309,13 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not native_bf16(device))
     config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
               "augment": augment, "num_train": data.num_train, "dataset": data.name,
-              "model": model_name(model), "num_classes": data.num_classes}
+              "model": model_name(model), "num_classes": data.num_classes, "data_fingerprint": fingerprint(data)}
     if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
         config["backbone_lr_scale"] = backbone_lr_scale
     if schedule != "onecycle":
         config["schedule"] = schedule
-    meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed}
+    meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed,
+            "data_fingerprint": config["data_fingerprint"], "data_source": data.source}
     history: list[dict] = []
     reference: float | None = None     # max(1, first-step loss): the divergence rule's yardstick
 
@@ -276,10 +324,11 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         _check_architecture(checkpoint, ck["config"], config["model"], config["num_classes"],
                             role=desc if desc in ("teacher", "student") else "model")
         diff = {k: (ck["config"].get(k), v) for k, v in config.items()
-                if k not in ("model", "num_classes") and ck["config"].get(k) != v}
+                if k not in ("model", "num_classes", "data_fingerprint") and ck["config"].get(k) != v}
         if diff:
             raise ValueError(f"checkpoint {checkpoint} was written by a different run (saved vs now: {diff}); "
                              "delete it or choose another run directory.")
+        _check_data(checkpoint, {**ck.get("meta", {}), **ck["config"]}, data)
         _load_state(model, ck["model"], checkpoint)
         if extra is not None and ck.get("extra") is not None:
             extra.load_state_dict(ck["extra"])
@@ -303,9 +352,10 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
             removed = f" Its partial checkpoint {checkpoint} was removed."
         why = "is not finite" if not math.isfinite(value) else \
             f"exceeds {DIVERGENCE_FACTOR:g} x its start ({reference:.4g})"
+        lower, what = suggested_lr(config["model"], schedule, lr)
         return TrainingDiverged(
             f"{desc} diverged in epoch {epoch}, step {step} of {steps}: the loss {value:.4g} {why}. Lower the peak "
-            f"learning rate ({lr_name}, now {lr:g}; e.g. -p {lr_name} {lr / 10:g}) and run again.{removed}")
+            f"learning rate ({lr_name}, now {lr:g}; e.g. -p {lr_name} {lower:g}, {what}) and run again.{removed}")
 
     for epoch in range(len(history) + 1, epochs + 1):
         model.train()
@@ -370,11 +420,13 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, *, expect_model: str | None = None,
-               num_classes: int | None = None, role: str = "model") -> nn.Module:
+               num_classes: int | None = None, role: str = "model", data: Dataset | None = None) -> nn.Module:
     """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode.
 
     With `expect_model` / `num_classes`, a checkpoint of another architecture or class count is refused with a
-    message naming what it holds (`role` words it, e.g. "teacher").
+    message naming what it holds (`role` words it, e.g. "teacher"). With `data`, the dataset the model is about to
+    be used with as the one it was trained on, a checkpoint whose recorded data fingerprint differs from
+    kdutils.data.fingerprint(data), or that records none (an older kdutils), is refused as fit refuses it.
     """
     ck = load_checkpoint(path)
     meta = ck.get("meta", {})
@@ -384,6 +436,8 @@ def load_model(path: str | Path, device: torch.device | str | None = None, *, ex
                          "fit(..., meta={'model': name, 'image_size': size}).")
     _check_architecture(path, meta, expect_model or meta["model"],
                         meta["num_classes"] if num_classes is None else num_classes, role)
+    if data is not None:
+        _check_data(path, meta, data)
     model = build_model(meta["model"], meta["num_classes"], image_size=meta.get("image_size", 32))
     _load_state(model, ck["model"], path)
     return prepare_model(model, torch.device(device) if device is not None else default_device()).eval()

@@ -146,53 +146,113 @@ def compare_selections(teacher: nn.Module, student: str, data: Dataset, selectio
     return pd.DataFrame(rows)
 
 
+# Two selections (or predictors) tie when their means are equal to this tolerance (float sums over seeds).
+TIE_TOLERANCE = 1e-9
+
+
+def _undefined_rho(values: pd.DataFrame) -> str:
+    """Why a Spearman correlation with the layer values is undefined (NaN): the values, or else the score, are
+    constant over the swept layers."""
+    v = values["value"].to_numpy(dtype=float)
+    if len(v) and np.ptp(v) == 0:
+        return f"undefined: every swept layer has the same value ({v[0]:.2%}), so there is no order to predict"
+    return "undefined: the score is the same for every swept layer, so it orders none of them"
+
+
+def _rho(row: "pd.Series | tuple", values: pd.DataFrame, interval: bool = True) -> str:
+    """A correlation as printed: '+0.42 [-0.10, +0.80]' (or '+0.42'), or why it is undefined."""
+    if np.isnan(row.spearman):
+        return _undefined_rho(values)
+    return f"{row.spearman:+.2f}" + (f" [{row.ci_low:+.2f}, {row.ci_high:+.2f}]" if interval else "")
+
+
 def summary_lines(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,
                   compared: pd.DataFrame, rules: dict[str, Sequence[int]], *, seeds: int, held_out: bool) -> list[str]:
     """The sentences notebook 6 prints: the most valuable layers, which predictor orders them best (and whether the
-    intervals separate it from Q), what KQ on unseen images changes, and how the selections compare on test."""
+    intervals separate it from Q), what KQ on unseen images changes, and how the selections compare on test.
+
+    A tie is a tie: selections (or predictors) whose means are equal (to TIE_TOLERANCE) tie, and none of them is
+    called the best; a gap within the seed spread is reported as such. An undefined (NaN) correlation says why:
+    the layer values, or the score, are constant over the swept layers.
+    """
     lines = []
     ranked = values["value"].sort_values(ascending=False)
-    lines.append(f"Most valuable single teacher layers (validation accuracy, {seeds} seed(s)): " +
-                 ", ".join(f"{t} ({v:.2%})" for t, v in ranked.head(4).items()) +
-                 f"; least: {ranked.index[-1]} ({ranked.iloc[-1]:.2%}).")
+    if len(ranked) > 1 and np.ptp(ranked.to_numpy(dtype=float)) == 0:
+        lines.append(f"Every swept teacher layer has the same value ({ranked.iloc[0]:.2%} validation accuracy, "
+                     f"{seeds} seed(s)): this run cannot rank the layers (more epochs or a larger validation split "
+                     f"may separate them).")
+    else:
+        lines.append(f"Most valuable single teacher layers (validation accuracy, {seeds} seed(s)): " +
+                     ", ".join(f"{t} ({v:.2%})" for t, v in ranked.head(4).items()) +
+                     f"; least: {ranked.index[-1]} ({ranked.iloc[-1]:.2%}).")
     valid = correlations.dropna(subset=["spearman"])
-    if not valid.empty:
-        best = valid["spearman"].idxmax()
-        q = correlations.loc["quality"] if "quality" in correlations.index else None
+    undefined = correlations[correlations["spearman"].isna()]
+    q = correlations.loc["quality"] if "quality" in correlations.index else None
+    if valid.empty:
+        lines.append(f"Spearman's rho with the value is {_undefined_rho(values)} (every score's rho).")
+    else:
         lines.append("Spearman's rho with the value: " + ", ".join(
-            f"{row.score} {row.spearman:+.2f} [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
-            for row in valid.sort_values("spearman", ascending=False).itertuples()) + ".")
-        if q is not None and best != "quality":
-            b = correlations.loc[best]
+            f"{row.score} {_rho(row, values)}" for row in valid.sort_values("spearman", ascending=False).itertuples())
+            + (f"; {', '.join(undefined['score'])}: {_undefined_rho(values)}" if len(undefined) else "") + ".")
+        top = valid["spearman"].max()
+        leaders = valid[np.isclose(valid["spearman"], top, rtol=0, atol=TIE_TOLERANCE)]
+        if q is None or np.isnan(q.spearman):
+            pass                                   # Q's line above says why it has no rho
+        elif "quality" not in leaders.index:
+            b = correlations.loc[valid["spearman"].idxmax()]
             apart = b.ci_low > q.spearman or q.ci_high < b.spearman
             lines.append(f"Here {b.score} orders the layers better than Q ({b.spearman:+.2f} vs {q.spearman:+.2f}); "
                          + ("its interval lies clear of Q's estimate: a finding for this teacher and budget, to be "
                             "checked at the paper's scale." if apart else
                             "the intervals overlap, so this study cannot tell the two apart."))
-        elif q is not None:
+        elif len(leaders) > 1:
+            others = ", ".join(s for p, s in leaders["score"].items() if p != "quality")
+            lines.append(f"Q ties with {others} as the best predictor here (rho {q.spearman:+.2f} each).")
+        else:
             lines.append(f"Q is the best predictor here ({q.spearman:+.2f}).")
     if "quality_val" in held_correlations.index:
         small, unseen = held_correlations.loc["quality_train_small"], held_correlations.loc["quality_val"]
         where = "images the teacher never trained on" if held_out else "images the teacher trained on (val_fraction 0)"
-        lines.append(f"KQ on the validation split ({where}): rho {unseen.spearman:+.2f} vs {small.spearman:+.2f} on "
-                     f"a training sample of the same size; top-k {list(rules.get('Q on validation images', []))} vs "
-                     f"{list(rules.get('Q (the paper)', []))} on notebook 3's sample.")
-    best_row = compared.loc[compared["test_final"].idxmax()]
-    q_row = compared[compared["chosen by"].str.contains("Q \\(the paper\\)", regex=True)]
+        lines.append(f"KQ on the validation split ({where}): rho {_rho(unseen, values, False)} vs "
+                     f"{_rho(small, values, False)} on a training sample of the same size; top-k "
+                     f"{list(rules.get('Q on validation images', []))} vs {list(rules.get('Q (the paper)', []))} on "
+                     f"notebook 3's sample.")
     spread = lambda r: "" if np.isnan(r.test_final_std) else f" ± {r.test_final_std:.2%}"  # noqa: E731
     lines.append("Top-k selections on the test split (final epoch): " + "; ".join(
         f"{r['chosen by']} {r.layers}: {r.test_final:.2%}{spread(r)}"
         for _, r in compared.sort_values("test_final", ascending=False).iterrows()) + ".")
+    q_row = compared[compared["chosen by"].str.contains("Q \\(the paper\\)", regex=True)]
     if not q_row.empty:
-        q_acc = q_row.iloc[0]
-        gap = 100 * (best_row.test_final - q_acc.test_final)
-        noise = max(np.nan_to_num(best_row.test_final_std), np.nan_to_num(q_acc.test_final_std)) * 100
-        verdict = ("Q's selection is the best one" if gap == 0 else
-                   f"The best selection ({best_row['chosen by']}) beats Q's by {gap:.2f} points" +
-                   (" (one seed: no spread to judge it)" if seeds < 2 else
-                    f", {'more' if gap > noise else 'less'} than the seed spread ({noise:.2f})"))
-        lines.append(verdict + ".")
+        lines.append(_selection_verdict(compared, q_row.iloc[0], seeds))
     return lines
+
+
+def _selection_verdict(compared: pd.DataFrame, q: pd.Series, seeds: int) -> str:
+    """How Q's selection compares with the others on test: best, tied (equal means), or beaten, and whether the
+    gap exceeds the seed spread (the larger sample std of the two)."""
+    best_acc = compared["test_final"].max()
+    tied = compared[np.isclose(compared["test_final"], best_acc, rtol=0, atol=TIE_TOLERANCE)]
+    noise = lambda a, b: 100 * max(np.nan_to_num(a.test_final_std), np.nan_to_num(b.test_final_std))  # noqa: E731
+    judged = lambda gap, a, b: (" (one seed: no spread to judge it)" if seeds < 2 else  # noqa: E731
+                                f", {'more' if gap > noise(a, b) else 'less'} than the seed spread "
+                                f"({noise(a, b):.2f})")
+    if len(compared) > 1 and len(tied) == len(compared):
+        return (f"Every selection scores the same ({best_acc:.2%}): a tie (equal mean final test accuracy), so this "
+                f"run cannot tell the selections apart.")
+    if not np.isclose(q.test_final, best_acc, rtol=0, atol=TIE_TOLERANCE):
+        best = compared.loc[compared["test_final"].idxmax()]
+        gap = 100 * (best.test_final - q.test_final)
+        return f"The best selection ({best['chosen by']}) beats Q's by {gap:.2f} points" + judged(gap, best, q) + "."
+    if len(tied) > 1:
+        others = "; ".join(r["chosen by"] for _, r in tied.iterrows() if r["chosen by"] != q["chosen by"])
+        return (f"Q's selection ties for the best with {others} ({best_acc:.2%} each: equal mean final test "
+                f"accuracy), so it is not the best one alone.")
+    if len(compared) == 1:
+        return f"Q's selection is the only distinct one ({q['chosen by']}): there is nothing to compare it with."
+    runner_up = compared.drop(index=q.name).sort_values("test_final", ascending=False).iloc[0]
+    gap = 100 * (q.test_final - runner_up.test_final)
+    return (f"Q's selection is the best one, {gap:.2f} points ahead of {runner_up['chosen by']}"
+            + judged(gap, q, runner_up) + ".")
 
 
 def results_block(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,

@@ -404,9 +404,9 @@ def test_every_method_runs_and_leaves_the_teacher_untouched(tiny, tmp_path):
         assert math.isfinite(history[0]["loss"])
         meta = load_checkpoint(ck)["meta"]
         assert meta["method"] == method and meta["seed"] == 0
-        if method == "simkd":                 # the deepest standard pair only
-            assert meta["teacher_layers"] == standard_layers(TEACHER)[-1:]
-            assert meta["student_layers"] == standard_layers(STUDENT)[-1:]
+        if method == "simkd":                 # all four standard pairs, as the paper's code
+            assert meta["teacher_layers"] == standard_layers(TEACHER)
+            assert meta["student_layers"] == standard_layers(STUDENT)
         elif method in STANDARD:
             assert meta["teacher_layers"] == standard_layers(TEACHER)
         if "feature_kd" in method:
@@ -499,23 +499,24 @@ def test_simkd_predicts_through_the_teacher_tail(tiny, tmp_path):
     from kdutils.distill import SimKDStudent, gradient_flow, simkd_student
     seed_everything(0)
     teacher = build_model(TEACHER, 10).eval().requires_grad_(False)
-    student = simkd_student(teacher, build_model(STUDENT, 10), 4, 8, 32, seed=0)
+    student = simkd_student(teacher, build_model(STUDENT, 10), [4], [8], 32, seed=0)
     assert isinstance(student, SimKDStudent) and [type(m).__name__ for m in student.tail][-2:] == ["Sequential", "Linear"]
     tail_params = sum(p.numel() for p in student.tail.parameters())
     assert tail_params == sum(p.numel() for n, p in teacher.named_parameters() if n.startswith(("layer4.1.", "fc.")))
     xb = one_batch(tiny)[0]
-    assert student(xb).shape == (8, 10) and student.project(xb).shape == (8, 256, 4, 4)   # teacher layer 8: 256x4x4
+    assert student(xb).shape == (8, 10) and student.project(xb)[-1].shape == (8, 256, 4, 4)  # layer 8: 256x4x4
     flow = gradient_flow(teacher, student, tiny, "simkd", teacher_layers=[8], student_layers=[4], batch_size=8)
     assert flow.loc["student.conv1.weight", "|grad| from CE"] > 0                   # CE trains everything
     assert flow.loc["tail.0.conv1.weight", "|grad| from feature MSE"] == 0           # the MSE stops at the projector
     assert not any(p.grad is not None for p in teacher.parameters())                 # the teacher itself is untouched
     history = distill(teacher, STUDENT, tiny, "simkd", epochs=1, lr=0.005, batch_size=8, progress=False,
                       checkpoint=tmp_path / "simkd.pt", device="cpu")
-    assert history[0]["params"] == sum(p.numel() for p in student.parameters())     # evaluated with the tail
+    full = simkd_student(teacher, build_model(STUDENT, 10), standard_layers(STUDENT), standard_layers(TEACHER), 32)
+    assert history[0]["params"] == sum(p.numel() for p in full.parameters())        # evaluated with the tail
     with pytest.raises(ValueError, match="down-sampling"):
-        simkd_student(teacher, build_model(STUDENT, 10), 4, 7, 32)                  # layer 7 = layer4.0, stride 2
-    small = simkd_student(teacher, build_model(STUDENT, 10), 4, 6, 32)             # 4x4 student, 8x8 teacher map:
-    assert small(xb).shape == (8, 10) and small.project(xb).shape == (8, 128, 4, 4)  # the tail pools any size
+        simkd_student(teacher, build_model(STUDENT, 10), [4], [7], 32)              # layer 7 = layer4.0, stride 2
+    small = simkd_student(teacher, build_model(STUDENT, 10), [4], [6], 32)         # 4x4 student, 8x8 teacher map:
+    assert small(xb).shape == (8, 10) and small.project(xb)[-1].shape == (8, 128, 4, 4)  # the tail pools any size
 
 
 def test_semckd_loss_weights_pairs_by_attention():
