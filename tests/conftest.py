@@ -2,8 +2,11 @@
 from pathlib import Path
 
 import matplotlib
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 matplotlib.use("Agg")
 
@@ -27,3 +30,16 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """16 train / 16 test digits at 32x32 (the paper's CIFAR size; ViTs need it): two batches of 8."""
+    from kdutils.data import load_dataset
+    ds = load_dataset("digits")
+
+    def up(x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(x[:16].float(), size=(32, 32), mode="bilinear").round().to(torch.uint8)
+
+    return dataclasses.replace(ds, x_train=up(ds.x_train), y_train=ds.y_train[:16], x_test=up(ds.x_test),
+                               y_test=ds.y_test[:16])

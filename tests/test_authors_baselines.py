@@ -19,18 +19,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    """16 train / 16 test digits at 32x32: two batches of 8."""
-    ds = load_dataset("digits")
-
-    def up(x):
-        return F.interpolate(x[:16].float(), size=(32, 32), mode="bilinear").round().to(torch.uint8)
-
-    return dataclasses.replace(ds, x_train=up(ds.x_train), y_train=ds.y_train[:16], x_test=up(ds.x_test),
-                               y_test=ds.y_test[:16])
-
-
-@pytest.fixture(scope="module")
 def teacher():
     seed_everything(11)
     return build_model(TEACHER, 10).eval().requires_grad_(False)
