@@ -7,7 +7,7 @@ Trains the teacher (resnet18_narrow) once, picks its top-4 layers by knowledge q
 kq.select_layers), then trains the student (resnet10_narrow) with ce, hinton_kd, feature_kd, feature_kd_ce and
 standard_layers (plus fitnets_kd with --fitnets) for each seed, all with the same peak LR, epochs, init and data order.
 Writes DIR/results.json and DIR/results.md (final- and best-epoch test accuracy, mean +- std over seeds, teacher
-accuracy, seconds per run) through kdutils.pipeline.summarize_runs / results_markdown. Every run is checkpointed in
+accuracy, seconds per run) through kdutils.results.summarize_runs / results_markdown. Every run is checkpointed in
 DIR, so a rerun resumes unfinished runs and skips finished ones.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ from kdutils.data import load_dataset
 from kdutils.distill import distill
 from kdutils.layers import standard_layers
 from kdutils.models import build_model
-from kdutils.pipeline import PEAK_LR, results_markdown, summarize_runs, write_json_atomic
+from kdutils.models import PEAK_LR
+from kdutils.results import results_markdown, summarize_runs
+from kdutils.rundir import write_json_atomic
 from kdutils.train import default_device, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ of each notebook for the `cifar10` preset. Prints one JSON object on stdout; eve
 What it measures, per image size (32 px: CIFAR shapes; 64 px: Tiny ImageNet shapes, 200 classes, synthetic):
 - every paper teacher (resnet34, vgg19_bn, vit_b) trained with CE through `kdutils.train.fit`;
 - every paper student (resnet9, vgg11_bn, mobilenet_v2, vit_et) through `kdutils.distill.distill` from its paper
-  teacher (`kdutils.pipeline.PAIRS`) with the methods ce, hinton_kd and feature_kd (the teacher's standard layers; one
+  teacher (`kdutils.presets.PAIRS`) with the methods ce, hinton_kd and feature_kd (the teacher's standard layers; one
   shared `cache` dict, so teacher logits/features are computed once, before the first epoch and outside the timing);
 - each in bf16 autocast (`amp=True`) and fp32 (`amp=False`), eager and with `compile_model=True`;
 - `kdutils.kq.layer_qualities` of each teacher on 5000 samples (probe off, disk cache off).
@@ -68,7 +68,8 @@ from kdutils.distill import distill
 from kdutils.kq import kq_per_class, layer_qualities
 from kdutils.layers import standard_layers
 from kdutils.models import build_model
-from kdutils.pipeline import PAIRS, PEAK_LR
+from kdutils.models import PEAK_LR
+from kdutils.presets import PAIRS
 from kdutils.train import default_device, evaluate, fit, native_bf16, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -245,7 +246,8 @@ def time_kq(teacher: nn.Module, name: str, data: Dataset, source: str, samples: 
 def time_notebooks(data: Path | None, params: list[tuple[str, str]]) -> dict:
     """Seconds of each notebook of the cifar10 preset, run by kdutils.pipeline into a temporary run directory."""
     import nbformat
-    from kdutils.pipeline import NOTEBOOKS, parse_value, run_pipeline
+    from kdutils.pipeline import parse_value, run_pipeline
+    from kdutils.rundir import NOTEBOOKS
     values = {**({"dataset": str(data.resolve())} if data is not None and data.exists() else {}),
               **{k: parse_value(v) for k, v in params}}
     out: dict = {"preset": "cifar10", "parameters": values}

@@ -81,7 +81,9 @@ from kdutils.distill import distill, fill_teacher_cache  # noqa: E402
 from kdutils.kq import kq_per_class, layer_analysis, layer_qualities, select_layers  # noqa: E402
 from kdutils.layers import distillation_layers, generalized_layer_count, layer_table, standard_layers  # noqa: E402
 from kdutils.models import build_model  # noqa: E402
-from kdutils.pipeline import PAIRS, PEAK_LR, resolve_config, student_recipe, write_atomic  # noqa: E402
+from kdutils.models import PEAK_LR  # noqa: E402
+from kdutils.presets import PAIRS, resolve_config, student_recipe  # noqa: E402
+from kdutils.rundir import write_atomic  # noqa: E402
 from kdutils.train import fit, seed_everything  # noqa: E402
 
 DEVICE_COMMAND = (
@@ -359,13 +361,11 @@ def precision_rule(device: torch.device) -> dict:
         with train.autocast(device, True):
             out["train.autocast_dtype"] = str((a @ a).dtype)
     try:
-        from kdutils.precision import precision_for
+        from kdutils.precision import precision_for, record
     except ImportError:
         out["precision.precision_for"] = "kdutils.precision not in this version"
     else:
-        chosen = precision_for(device)
-        out["precision.precision_for"] = {k: str(v) if isinstance(v, torch.dtype) else v
-                                          for k, v in vars(chosen).items()}
+        out["precision.precision_for"] = record(precision_for(device))
     return out
 
 
@@ -551,7 +551,8 @@ def pack_notebooks(executed: Path, target: Path) -> dict:
 
 def stage_pipeline(ctx: dict, rec: dict) -> None:
     """Notebooks 1-5 (the dry run: notebook 1) on the preset cifar10 with a stand-in ImageNet-pretrained teacher."""
-    from kdutils.pipeline import NOTEBOOKS, run_pipeline
+    from kdutils.pipeline import run_pipeline
+    from kdutils.rundir import NOTEBOOKS
     s, work = ctx["scale"], ctx["work"] / "pipeline"
     if ctx["dry"]:
         toy = gpu_bench.synthetic("toy", s["pipeline"]["train"], s["pipeline"]["test"], s["image_size"],

@@ -12,7 +12,7 @@ Run from the project root (or anywhere once the package is installed with `pip i
     .venv/bin/python -m benchmarks.kq_bench --tinyimagenet --no-gram --quiet    # the tinyimagenet preset's KQ
 
 --tinyimagenet measures the tinyimagenet preset's KQ settings (ResNet-34 at 64x64, 200 classes, subset A of 5000,
-50 images per class for the class spectra, as pipeline.resolve_config("tinyimagenet") gives) on generated 64x64
+50 images per class for the class spectra, as presets.resolve_config("tinyimagenet") gives) on generated 64x64
 images (Tiny ImageNet itself is not downloaded here; the peak memory depends on the shapes, not on the pixels).
 The JSON then adds rss_before_mb (after the data and the model were made), peak_growth_mb and widest_layer_mb (the
 largest layer's sampled float32 features, what KQ must hold at once). --samples / --per-class / --layers shrink it.

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from kdutils.data import load_dataset, split_validation
-from kdutils.distill import MONITOR_BATCHES, distill
+from kdutils.distill import distill
 from kdutils.models import build_model
+from kdutils.monitor import MONITOR_BATCHES
 from kdutils.train import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
-from kdutils import pipeline
+from kdutils import presets, rundir
 from kdutils import sweep as sw
+from kdutils import sweep_tasks
 from kdutils.distill import distill, layer_arguments
 from kdutils.train import load_model
 
@@ -35,7 +36,7 @@ def sequential_loop(run_dir: Path, config: dict, data_root: str) -> dict:
     """Notebook 5's loop (one cache dict, for seed: for method: distill), timed; final accuracy per run."""
     start = time.perf_counter()
     selection = json.loads((run_dir / "kq_layers.json").read_text())
-    data = pipeline.series_data(config, data_root)          # as notebook 5 and the sweep: without the validation split
+    data = rundir.series_data(config, data_root)          # as notebook 5 and the sweep: without the validation split
     teacher = load_model(run_dir / "teacher.pt", expect_model=config["teacher"], num_classes=data.num_classes,
                          role="teacher")
     cache, final = {}, {}
@@ -43,9 +44,9 @@ def sequential_loop(run_dir: Path, config: dict, data_root: str) -> dict:
         for method in config["methods"]:
             history = distill(teacher, config["student"], data, method, seed=seed, batch_size=config["batch_size"],
                               augment=config["augment"], cache=cache,
-                              checkpoint=sw.student_checkpoint(run_dir, method, seed), progress=False,
-                              **pipeline.student_recipe(config), **layer_arguments(method, selection),
-                              monitor=pipeline.monitored(config, method))
+                              checkpoint=sweep_tasks.student_checkpoint(run_dir, method, seed), progress=False,
+                              **presets.student_recipe(config), **layer_arguments(method, selection),
+                              monitor=presets.monitored(config, method))
             final[f"{method}-seed{seed}"] = history[-1]["test_acc"]
     return {"seconds": time.perf_counter() - start, "final": final}
 
@@ -55,24 +56,25 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="student seeds (default 0 1)")
-    parser.add_argument("--student-epochs", type=int, default=pipeline.PRESETS["quick"]["student_epochs"])
-    parser.add_argument("--teacher-epochs", type=int, default=pipeline.PRESETS["quick"]["teacher_epochs"])
+    parser.add_argument("--student-epochs", type=int, default=presets.PRESETS["quick"]["student_epochs"])
+    parser.add_argument("--teacher-epochs", type=int, default=presets.PRESETS["quick"]["teacher_epochs"])
     parser.add_argument("--root", type=Path, help="work folder (default: a new temporary one)")
     args = parser.parse_args(argv)
     root = args.root or Path(tempfile.mkdtemp(prefix="sweep-bench-"))
     load_before = os.getloadavg()
     params = {"student_epochs": args.student_epochs, "teacher_epochs": args.teacher_epochs, "seeds": args.seeds}
-    config = pipeline.resolve_config("quick", **params)
-    data_root = str(pipeline.default_data_root())
+    config = presets.resolve_config("quick", **params)
+    data_root = str(rundir.default_data_root())
     prepared = root / "prepared"
-    if not sw.teacher_done(prepared, config):
+    if not sweep_tasks.teacher_done(prepared, config):
         print(f"notebooks 1-3 into {prepared} (not timed)", file=sys.stderr, flush=True)
-        sw.prepare_combination(str(prepared), "quick", {**params, "data_root": data_root}, torch.get_num_threads())
+        sweep_tasks.prepare_combination(str(prepared), "quick", {**params, "data_root": data_root},
+                                        torch.get_num_threads())
 
     sequential_dir = root / "sequential"
     shutil.rmtree(sequential_dir, ignore_errors=True)
     sequential_dir.mkdir(parents=True)
-    for name in sw.TEACHER_ARTIFACTS:
+    for name in sweep_tasks.TEACHER_ARTIFACTS:
         shutil.copy(prepared / name, sequential_dir / name)
     threads = torch.get_num_threads()
     print(f"sequential loop, {threads} thread(s)", file=sys.stderr, flush=True)
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     sweep_root = root / "sweep"
     shutil.rmtree(sweep_root, ignore_errors=True)
-    cell_dir = sw.combination_dir(sweep_root, config["dataset"], config["pair"])
+    cell_dir = sweep_tasks.combination_dir(sweep_root, config["dataset"], config["pair"])
     shutil.copytree(prepared, cell_dir, ignore=shutil.ignore_patterns("students"))
     t0 = time.perf_counter()
     ray.init(num_cpus=2)

@@ -1,15 +1,18 @@
-"""Datasets as in-memory uint8 tensors: loaders (CIFAR-10/100, Tiny ImageNet, sklearn digits, .npz files),
-normalisation, and a fast batch iterator with on-device crop + flip augmentation.
+"""Datasets as in-memory uint8 tensors: the Dataset, load_dataset (a named dataset, whose arrays kdutils.datasets
+gets, or an .npz file), checks of the loaded arrays, the content fingerprint, a validation split, normalisation,
+and a fast batch iterator with on-device crop + flip augmentation.
 
-Every loader returns a :class:`Dataset` holding the whole train and test splits as uint8 NCHW tensors, so batches
+Every dataset is a :class:`Dataset` holding the whole train and test splits as uint8 NCHW tensors, so batches
 are plain tensor indexing (no DataLoader workers). Images are normalised on the fly by :func:`batches`.
+Called by notebook 1 (load_dataset), notebook 4 (batches), kdutils.train, kdutils.distill, kdutils.kq,
+kdutils.geometry, kdutils.validation, kdutils.checkpoints, kdutils.rundir (which loads each notebook's data),
+kdutils.presets and kdutils.checks.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +21,10 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.datasets import utils as tv_utils
-from tqdm.auto import tqdm
 
-DATASETS: dict[str, str] = {
-    "cifar10": "CIFAR-10, 50k/10k 32x32 RGB, 10 classes (torchvision download into root)",
-    "cifar100": "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (torchvision download into root)",
-    "tinyimagenet": "Tiny ImageNet, 100k/10k 64x64 RGB, 200 classes (official zip; val split used as test)",
-    "digits": "scikit-learn 8x8 digits upsampled to 16x16 RGB, 1437/360 stratified split (offline)",
-}
+from kdutils.datasets import DATASETS, NPZ_FORMAT, dataset_arrays, read_npz
+
 _ALIASES = {"tinyimagenet200": "tinyimagenet"}  # after lower-casing and dropping '-', '_' and spaces
-
-TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
-TINY_DIR = "tiny-imagenet-200"
-TINY_CACHE = "tiny-imagenet-200-cache.npz"
-_REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
-_OFFLINE_HINT = ("Offline alternatives: load_dataset('digits') (bundled with scikit-learn) or load_dataset(<path to an "
-                 ".npz with x_train, y_train, x_test, y_test>), e.g. the shared cifar10-subset.npz.")
 
 
 @dataclass(frozen=True, eq=False)
@@ -147,6 +136,12 @@ def _memoised_fingerprint(data: Dataset) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # public API
 
+def dataset_key(name: str | Path) -> str:
+    """A dataset name as load_dataset matches it: lower-cased, '-', '_' and spaces dropped, aliases resolved."""
+    key = str(name).strip().lower().replace("-", "").replace("_", "").replace(" ", "")
+    return _ALIASES.get(key, key)
+
+
 def load_dataset(name: str | Path, root: str | Path = "data", download: bool = True, per_class: int | None = None,
                  seed: int = 0, *, progress: bool = True) -> Dataset:
     """Load a named dataset (see DATASETS; case-insensitive, 'cifar-10' style aliases work) or an .npz file path.
@@ -161,29 +156,21 @@ def load_dataset(name: str | Path, root: str | Path = "data", download: bool = T
                          f"split; got {per_class!r}.")
     root = Path(root).expanduser()
     path = Path(name).expanduser()
-    key = str(name).strip().lower().replace("-", "").replace("_", "").replace(" ", "")
-    key = _ALIASES.get(key, key)
+    key = dataset_key(name)
     looks_like_path = isinstance(name, Path) or "/" in str(name) or os.sep in str(name) or bool(path.suffix)
     if isinstance(name, Path) or str(name).lower().endswith(".npz") or (key not in DATASETS and path.is_file()):
-        arrays, ds_name, source = _read_npz(path), path.stem, str(path)
+        arrays, ds_name, source = read_npz(path), path.stem, str(path)
     elif key not in DATASETS and looks_like_path:
         raise FileNotFoundError(f"No dataset file at {path.resolve()} (relative paths start at the current directory "
                                 f"{Path.cwd()}). Check the path (an .npz with x_train, y_train, x_test, y_test), or use "
                                 f"a dataset name: {', '.join(DATASETS)}.")
     else:
-        if key == "cifar10":
-            arrays = _load_cifar(root, download, hundred=False)
-        elif key == "cifar100":
-            arrays = _load_cifar(root, download, hundred=True)
-        elif key == "tinyimagenet":
-            arrays = _load_tinyimagenet(root, download, progress)
-        elif key == "digits":
-            arrays = _load_digits(seed)
-        else:
+        if key not in DATASETS:
             raise ValueError(f"Unknown dataset {name!r}. Valid names: {', '.join(DATASETS)} (case-insensitive), "
                              f"or a path to an .npz file with x_train, y_train, x_test, y_test (uint8 NHWC images).")
+        arrays = dataset_arrays(key, root, download=download, seed=seed, progress=progress)
         ds_name = source = key
-    return _make_dataset(ds_name, _validate(arrays, source=ds_name), per_class, seed, source)
+    return _make_dataset(ds_name, validate_arrays(arrays, source=ds_name), per_class, seed, source)
 
 
 def split_validation(data: Dataset, fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
@@ -280,138 +267,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool = F
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# loaders: each returns a dict with x_train, y_train, x_test, y_test (numpy, NHWC uint8 / int labels), classes
-
-def _load_digits(seed: int) -> dict:
-    """scikit-learn digits upsampled bilinearly to 16x16 (cheap on CPU), grey as RGB, stratified 80/20 split."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    d = load_digits()
-    img = torch.from_numpy(d.images).float()[:, None] * (255.0 / 16.0)
-    img = F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
-    img = img.round().clamp_(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy()
-    idx_train, idx_test = train_test_split(np.arange(len(d.target)), test_size=0.2, stratify=d.target,
-                                           random_state=seed)
-    return {"x_train": img[idx_train], "y_train": d.target[idx_train], "x_test": img[idx_test],
-            "y_test": d.target[idx_test], "classes": [str(c) for c in d.target_names]}
-
-
-def _load_cifar(root: Path, download: bool, hundred: bool) -> dict:
-    """CIFAR-10/100 through torchvision (fine labels for CIFAR-100); friendly errors when files are missing."""
-    from torchvision.datasets import CIFAR10, CIFAR100
-
-    cls = CIFAR100 if hundred else CIFAR10
-    folder = root / cls.base_folder
-
-    def complete() -> bool:
-        return all(tv_utils.check_integrity(str(folder / f), md5) for f, md5 in cls.train_list + cls.test_list)
-
-    fix = (f"Fix: on a machine with internet download {cls.url} (md5 {cls.tgz_md5}) and either extract it so that "
-           f"{folder.resolve()}/ exists, or put the archive at {(root / cls.filename).resolve()} and call again with "
-           f"download=True (it is then verified and extracted without network). {_OFFLINE_HINT}")
-    what = "CIFAR-100" if hundred else "CIFAR-10"
-    if not complete():
-        if not download:
-            raise FileNotFoundError(f"{what} not found (or a file fails its checksum) in {folder.resolve()} and "
-                                    f"download=False. {fix}")
-        try:
-            tv_utils.download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-        except Exception as e:  # network down, checksum mismatch, truncated archive ...
-            raise RuntimeError(f"Could not download {what} ({type(e).__name__}: {e}). {fix}") from e
-        if not complete():
-            raise RuntimeError(f"{what} was downloaded but {folder.resolve()} is still incomplete. Delete it and "
-                               f"{(root / cls.filename).resolve()}, then retry. {fix}")
-    train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
-    return {"x_train": train.data, "y_train": np.asarray(train.targets), "x_test": test.data,
-            "y_test": np.asarray(test.targets), "classes": list(train.classes)}
-
-
-def _load_tinyimagenet(root: Path, download: bool, progress: bool) -> dict:
-    """Tiny ImageNet (val split as test): from the decoded .npz cache, the extracted tree, or the official zip."""
-    cache, tree = root / TINY_CACHE, root / TINY_DIR
-    if cache.is_file():
-        return _read_npz(cache, hint=f"Delete {cache.resolve()} to rebuild it from {tree.resolve()}/.")
-    fix = (f"Fix: on a machine with internet download {TINY_URL} (md5 {TINY_MD5}) and either extract it so that "
-           f"{(tree / 'wnids.txt').resolve()} exists, or put the zip at {(root / (TINY_DIR + '.zip')).resolve()} and "
-           f"call again with download=True (it is then verified and extracted without network). {_OFFLINE_HINT}")
-    if not (tree / "wnids.txt").is_file():
-        if not download:
-            raise FileNotFoundError(f"Tiny ImageNet not found: {(tree / 'wnids.txt').resolve()} is missing and "
-                                    f"download=False. {fix}")
-        try:
-            tv_utils.download_and_extract_archive(TINY_URL, str(root), filename=TINY_DIR + ".zip", md5=TINY_MD5)
-        except Exception as e:  # network down, checksum mismatch, truncated archive ...
-            raise RuntimeError(f"Could not download Tiny ImageNet ({type(e).__name__}: {e}). {fix}") from e
-    arrays = _parse_tinyimagenet(tree, progress)
-    _save_npz_atomic(cache, arrays)
-    return arrays
-
-
-def _parse_tinyimagenet(tree: Path, progress: bool) -> dict:
-    """Decode the extracted Tiny ImageNet tree; labels index sorted(wnids), names are words.txt's first synonym."""
-    from PIL import Image
-
-    wnids = sorted({line.strip() for line in (tree / "wnids.txt").read_text().splitlines() if line.strip()})
-    label = {w: i for i, w in enumerate(wnids)}
-    words = {}
-    if (tree / "words.txt").is_file():
-        for line in (tree / "words.txt").read_text(encoding="utf-8").splitlines():
-            wnid, _, text = line.partition("\t")
-            if wnid in label:
-                words[wnid] = text.split(",")[0].strip() or wnid
-    classes = [words.get(w, w) for w in wnids]
-
-    train_files, train_labels = [], []
-    for w in wnids:
-        files = sorted((tree / "train" / w / "images").glob("*.JPEG"))
-        if not files:
-            raise FileNotFoundError(f"No training images in {(tree / 'train' / w / 'images').resolve()}; the "
-                                    f"Tiny ImageNet tree is incomplete. Re-extract {TINY_DIR}.zip into "
-                                    f"{tree.parent.resolve()}.")
-        train_files += files
-        train_labels += [label[w]] * len(files)
-    ann = tree / "val" / "val_annotations.txt"
-    if not ann.is_file():
-        raise FileNotFoundError(f"{ann.resolve()} is missing; re-extract {TINY_DIR}.zip into {tree.parent.resolve()}.")
-    test_files, test_labels = [], []
-    for line in ann.read_text().splitlines():
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) < 2 or parts[1] not in label:
-            raise ValueError(f"{ann.resolve()}: line {line!r} does not name a wnid from wnids.txt; re-extract "
-                             f"{TINY_DIR}.zip.")
-        test_files.append(tree / "val" / "images" / parts[0])
-        test_labels.append(label[parts[1]])
-
-    def decode(files: list[Path], desc: str) -> np.ndarray:
-        out = None
-        for i, f in enumerate(tqdm(files, desc=desc, disable=not progress)):
-            try:
-                with Image.open(f) as im:
-                    a = np.asarray(im.convert("RGB"))
-            except OSError as e:
-                raise RuntimeError(f"Cannot decode {f} ({e}); re-extract {TINY_DIR}.zip.") from e
-            if out is None:
-                out = np.empty((len(files), *a.shape), dtype=np.uint8)
-            if a.shape != out.shape[1:]:
-                raise ValueError(f"{f} is {a.shape[1]}x{a.shape[0]}, expected {out.shape[2]}x{out.shape[1]} like the "
-                                 f"other images; re-extract {TINY_DIR}.zip.")
-            out[i] = a
-        return out
-
-    return {"x_train": decode(train_files, "tinyimagenet train"), "y_train": np.asarray(train_labels, np.int64),
-            "x_test": decode(test_files, "tinyimagenet val"), "y_test": np.asarray(test_labels, np.int64),
-            "classes": classes}
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # .npz files, validation, Dataset assembly
-
-_NPZ_FORMAT = ("Expected format: np.savez_compressed(path, x_train=<uint8 (N,H,W,3)>, y_train=<int (N,)>, "
-               "x_test=<uint8 (M,H,W,3)>, y_test=<int (M,)>[, classes=np.array(names, dtype=str)]).")
-
 
 def peek_npz(path: str | Path) -> dict[str, int]:
     """Image size and class count of an .npz dataset file without loading its images: the height from x_train's
@@ -433,62 +289,13 @@ def peek_npz(path: str | Path) -> dict[str, int]:
                 num_classes = 1 + int(max(arrays["y_train"].max(), arrays["y_test"].max()))
     except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable dataset .npz with x_train, y_train, x_test, y_test ({e}). "
-                         f"{_NPZ_FORMAT}") from e
+                         f"{NPZ_FORMAT}") from e
     if len(shape) not in (3, 4):
-        raise ValueError(f"{path}: x_train has shape {shape}; expected channels-last (N, H, W, 3). {_NPZ_FORMAT}")
+        raise ValueError(f"{path}: x_train has shape {shape}; expected channels-last (N, H, W, 3). {NPZ_FORMAT}")
     return {"image_size": int(shape[1]), "num_classes": num_classes}
 
 
-def _read_npz(path: Path, hint: str = "") -> dict:
-    """Read the arrays of an .npz (never unpickling); missing file, corrupt archive or missing keys raise clearly."""
-    if not path.is_file():
-        raise FileNotFoundError(f"No .npz file at {path.resolve()} (relative paths start at the current directory "
-                                f"{Path.cwd()}). Check the path, or use a dataset name: {', '.join(DATASETS)}.")
-    corrupt = f"{path.resolve()} is not a readable .npz archive"
-    try:
-        f = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{corrupt} ({type(e).__name__}: {e}). Re-create or re-download it. {_NPZ_FORMAT} {hint}")\
-            from e
-    if not isinstance(f, np.lib.npyio.NpzFile):
-        raise ValueError(f"{path.resolve()} holds a single array (.npy format), not an .npz archive. {_NPZ_FORMAT}")
-    with f:
-        missing = [k for k in _REQUIRED_KEYS if k not in f.files]
-        if missing:
-            raise ValueError(f"{path.resolve()} lacks the key(s) {', '.join(missing)} (it has: "
-                             f"{', '.join(f.files) or 'nothing'}). {_NPZ_FORMAT} {hint}")
-        out = {}
-        for k in (*_REQUIRED_KEYS, "classes"):
-            if k not in f.files:
-                continue
-            try:
-                out[k] = f[k]
-            except ValueError as e:
-                if "pickle" in str(e).lower():
-                    raise ValueError(f"{path.resolve()}: '{k}' is an object array, which is not loaded (no pickle). "
-                                     f"Save it as a plain numeric/str array. {_NPZ_FORMAT} {hint}") from e
-                raise ValueError(f"{corrupt}: '{k}' fails to load ({e}). {_NPZ_FORMAT} {hint}") from e
-            except (OSError, EOFError, zipfile.BadZipFile) as e:
-                raise ValueError(f"{corrupt}: '{k}' fails to load ({type(e).__name__}: {e}). Re-create or "
-                                 f"re-download it. {hint}") from e
-    return out
-
-
-def _save_npz_atomic(path: Path, arrays: dict) -> None:
-    """Write arrays uncompressed (fast to reload) to a temp file beside `path`, then os.replace it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v) if k != "classes" else np.array(v, dtype=str)
-                            for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _validate(a: dict, source: str) -> dict:
+def validate_arrays(a: dict, source: str) -> dict:
     """Check dtypes, shapes, counts and label ranges; return NHWC uint8 RGB images, int64 labels, class names."""
     out = {}
     for split in ("train", "test"):

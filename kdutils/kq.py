@@ -57,7 +57,7 @@ def kq_per_class(dataset: str, teacher: str, *, num_classes: int | None = None,
     every other case (CIFAR, ViT teachers) caps the class sample at 500. The rule keys on what the data is, not on
     what it is called: the tinyimagenet dataset by name, or any data with Tiny ImageNet's shape, 200 classes at
     64x64 (TINY_IMAGENET_SHAPE), such as the decoded .npz cache or a subset of it passed as a file. Pass the data's
-    `num_classes` and `image_size` when `dataset` is an .npz path (kdutils.data.peek_dataset reads them from the
+    `num_classes` and `image_size` when `dataset` is an .npz path (kdutils.data.peek_npz reads them from the
     file without loading the images).
     """
     from kdutils.models import is_vit
@@ -329,7 +329,7 @@ def _from_storable(value: object) -> object:
 
 def _write_cache(path: Path, key: dict, results: dict[int, dict]) -> None:
     """Write the cache file atomically (temporary file in the same folder, then os.replace)."""
-    from kdutils.train import save_checkpoint
+    from kdutils.checkpoints import save_checkpoint
 
     payload = {"key": key, "layers": {i: {k: _to_storable(v) for k, v in r.items()} for i, r in results.items()}}
     save_checkpoint(path, payload)

@@ -29,6 +29,19 @@ MODELS: dict[str, str] = {
     "resnet10_narrow": "CPU-scale student: BasicBlock [1,1,1,1], widths 16-32-64-128 (~0.3M parameters)",
 }
 
+# Peak (OneCycle max) learning rate per model: METHOD.md decision 3 (MaxLR), for teachers and students alike.
+PEAK_LR = {
+    "resnet34": 0.0075, "resnet9": 0.0075, "mobilenet_v2": 0.0075,
+    "vgg19_bn": 0.005, "vgg11_bn": 0.005,
+    "vit_b": 0.0001, "vit_et": 0.001,
+    "resnet18_narrow": 0.0075, "resnet10_narrow": 0.0075,
+}
+
+# Peak LR of the "+240E" long schedule (SGD, METHOD.md section 6): 0.05 for ResNet-9/MobileNetV2, 0.01 for VGG-11 and
+# ViT-ET; the CPU-scale student follows the ResNets.
+LONG_LR = {"resnet9": 0.05, "mobilenet_v2": 0.05, "vgg11_bn": 0.01, "vit_et": 0.01, "resnet10_narrow": 0.05,
+           "resnet34": 0.05, "resnet18_narrow": 0.05, "vgg19_bn": 0.01, "vit_b": 0.01}
+
 # name -> (blocks per stage, stage widths, ImageNet weights or None)
 _RESNETS = {
     "resnet34": ((3, 4, 6, 3), (64, 128, 256, 512), tvm.ResNet34_Weights.IMAGENET1K_V1),

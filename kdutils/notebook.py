@@ -1,12 +1,14 @@
 """What every notebook does before its own work: one `setup` call, Colab handling, and the repository URL.
 
+Called by every notebook (setup, legends_outside) and by its command line, `python -m kdutils.notebook`.
+
 Each notebook's first code cell after `parameters` is
 
     from kdutils.notebook import setup
     config, run_dir, data_root, device, seed = setup(globals(), "04_distill_without_ce.ipynb")
 
 `setup` resolves the preset and overrides from the notebook's parameters (`preset`, `run_dir`, `data_root` and
-every preset key, exactly as `pipeline.resolve_config(preset, **pipeline.config_overrides(globals()))` did),
+every preset key, exactly as `presets.resolve_config(preset, **presets.config_overrides(globals()))` would),
 creates `run_dir`, picks the device and the first seed, prints one line, and checks the notebook's inputs
 (`INPUTS`; pass `needs=[("file", "NN_producer.ipynb"), ...]` for a notebook not listed there). A missing input
 raises "missing X: run notebooks/NN first" -- except on Google Colab, where each notebook opened from its badge gets
@@ -15,9 +17,9 @@ a fresh runtime: there `ensure_inputs` runs the earlier notebooks headless into 
 disk). `run_dir="drive:kd-without-ce/runs/colab"` keeps the run on Google Drive (mounted on first use), so later
 notebooks, or a later session, find it.
 
-Colab detection is `on_colab(override)`: `"google.colab" in sys.modules` unless `override` is True/False; every
-function that depends on it takes that override as its `colab` parameter (tests pass it, nothing reads hidden
-environment switches). On Colab, `preset="auto"` resolves to the `colab` preset (pipeline.preset_name).
+Colab detection is `kdutils.presets.on_colab(override)`: `"google.colab" in sys.modules` unless `override` is
+True/False; every function that depends on it takes that override as its `colab` parameter (tests pass it, nothing
+reads hidden environment switches). On Colab, `preset="auto"` resolves to the `colab` preset (presets.preset_name).
 
 The repository URL lives in pyproject.toml ([project.urls] Repository); `repository_url()` reads it, and
 `python -m kdutils.notebook --set-url URL` (a fork) or `--sync-urls` rewrites the Colab badges and install lines
@@ -35,7 +37,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kdutils import pipeline
+from kdutils import checks, pipeline, presets, rundir
+from kdutils.presets import on_colab
+from kdutils.train import default_device
 
 DEFAULT_URL = "https://github.com/kd-without-ce/kd-without-ce"
 DEFAULT_REF = "main"          # the git ref the badges and install lines point at
@@ -71,11 +75,6 @@ class Setup(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------------
 # Colab
 
-def on_colab(override: bool | None = None) -> bool:
-    """Whether this kernel runs on Google Colab ("google.colab" imported); `override` True/False decides instead."""
-    return bool(override) if override is not None else "google.colab" in sys.modules
-
-
 def mount_drive(mount_point: str = DRIVE_MOUNT) -> None:
     """Mount Google Drive at `mount_point` (Colab asks for permission once per runtime)."""
     from google.colab import drive  # only importable on Colab
@@ -87,7 +86,7 @@ def resolve_run_dir(run_dir: str | Path | None, preset: str, *, colab: bool | No
     """The run directory: `run_dir`, or runs/<preset> when None; "drive:REST" is REST inside Google Drive's MyDrive
     (Colab only; Drive is mounted with `mount`, default mount_drive)."""
     if run_dir is None or run_dir == "":
-        return pipeline.default_run_dir(preset)
+        return rundir.default_run_dir(preset)
     text = str(run_dir)
     if not text.startswith(DRIVE_PREFIX):
         return Path(text).expanduser()
@@ -125,7 +124,7 @@ def ensure_inputs(run_dir: str | Path, notebook: str, config: dict, params: Mapp
     With `produce` (default: on Colab) the notebooks from the first missing input's producer up to the one before
     `notebook` run headless into run_dir with the same preset and `params` (kdutils.pipeline.run_pipeline); the
     notebooks come from `notebooks_dir`, else the repository's notebooks/ folder, else are downloaded from the
-    repository. Otherwise the first missing input raises pipeline.require_artifact's "run notebook N first" error.
+    repository. Otherwise the first missing input raises rundir.require_artifact's "run notebook N first" error.
     Returns the names of the notebooks it ran.
     """
     missing = missing_inputs(run_dir, notebook, needs)
@@ -133,14 +132,14 @@ def ensure_inputs(run_dir: str | Path, notebook: str, config: dict, params: Mapp
         return []
     if not (on_colab(colab) if produce is None else produce):
         name, producer = missing[0]
-        pipeline.require_artifact(Path(run_dir) / name, producer, config["preset"])
+        rundir.require_artifact(Path(run_dir) / name, producer, config["preset"])
     first = min(producer for _, producer in missing)
-    earlier = [n for n in pipeline.NOTEBOOKS if first <= n < notebook]
+    earlier = [n for n in rundir.NOTEBOOKS if first <= n < notebook]
     if notebooks_dir is None:
-        local = pipeline.NOTEBOOKS_DIR
+        local = rundir.NOTEBOOKS_DIR
         notebooks_dir = local if all((local / n).is_file() for n in earlier) else \
-            fetch_notebooks(earlier, pipeline._project_base() / "kd-without-ce-notebooks")
-    print(f"{notebook}: missing {', '.join(n for n, _ in missing)} in {pipeline.shown_path(run_dir)}; running "
+            fetch_notebooks(earlier, rundir.project_base() / "kd-without-ce-notebooks")
+    print(f"{notebook}: missing {', '.join(n for n, _ in missing)} in {rundir.shown_path(run_dir)}; running "
           f"{', '.join(earlier)} headless into it first (preset {config['preset']}).", flush=True)
     try:
         pipeline.run_pipeline(run_dir, config["preset"], dict(params or {}), notebooks_dir=notebooks_dir,
@@ -167,29 +166,29 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     run_dir and prints one line: preset, device, run_dir. For notebook 1, a `pretrained` teacher whose ImageNet
     weights cannot be loaded is decided here (one line says so; config holds pretrained False and
     pretrained_requested True, so its table shows what is trained); notebook 6's validation split and kq_samples
-    are checked before anything trains (pipeline.check_validation_split, check_kq_samples).
+    are checked before anything trains (checks.check_validation_split, check_kq_samples).
     """
-    config = pipeline.resolve_config(namespace.get("preset", "auto"), colab=colab,
-                                     **pipeline.config_overrides(namespace))
-    if notebook == pipeline.VALIDATION_NOTEBOOK:  # before its single-layer sweep trains, not after it
-        facts = pipeline.dataset_facts(config["dataset"])
-        pipeline.check_validation_split(config, facts, notebook6=True)
-        pipeline.check_kq_samples(config, facts)
+    config = presets.resolve_config(namespace.get("preset", "auto"), colab=colab,
+                                    **presets.config_overrides(namespace))
+    if notebook == rundir.VALIDATION_NOTEBOOK:  # before its single-layer sweep trains, not after it
+        facts = checks.dataset_facts(config["dataset"])
+        checks.check_validation_split(config, facts, notebook6=True)
+        checks.check_kq_samples(config, facts)
     run_dir = resolve_run_dir(namespace.get("run_dir"), config["preset"], colab=colab, mount=mount)
     data_root = Path(namespace["data_root"]).expanduser() if namespace.get("data_root") else \
-        pipeline.default_data_root()
+        rundir.default_data_root()
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = pipeline.default_device()
-    params = {**pipeline.config_overrides(namespace),
+    device = default_device()
+    params = {**presets.config_overrides(namespace),
               **({"data_root": str(data_root)} if namespace.get("data_root") else {})}
     ensure_inputs(run_dir, notebook, config, params, needs=needs, produce=produce, colab=colab)
-    if notebook == pipeline.NOTEBOOKS[0]:       # decided now, so the config table shows what is really trained
-        why = pipeline.pretrained_fallback(config, run_dir)
+    if notebook == rundir.NOTEBOOKS[0]:       # decided now, so the config table shows what is really trained
+        why = checks.pretrained_fallback(config, run_dir)
         if why:
             print(f"The teacher's ImageNet weights cannot be loaded ({why}); {config['teacher']} is trained from "
                   f"scratch instead: pretrained False (pretrained_requested True).", flush=True)
             config = {**config, "pretrained": False, "pretrained_requested": True}
-    print(f"preset {config['preset']} | device {device} | run_dir {pipeline.shown_path(run_dir)}"
+    print(f"preset {config['preset']} | device {device} | run_dir {rundir.shown_path(run_dir)}"
           + (" | on Colab" if on_colab(colab) else ""))
     return Setup(config, run_dir, data_root, device, config["seeds"][0])
 
@@ -215,7 +214,7 @@ def legends_outside(fig: "matplotlib.figure.Figure", where: str = "right") -> "m
 
 def _pyproject() -> Path:
     """The project's pyproject.toml (next to the kdutils folder)."""
-    return pipeline.REPO_ROOT / "pyproject.toml"
+    return rundir.REPO_ROOT / "pyproject.toml"
 
 
 def repository_url(pyproject: str | Path | None = None) -> str:
@@ -265,7 +264,7 @@ def notebook_urls(path: str | Path) -> tuple[list[str], list[str]]:
             [f"git+{m.group('url')}@{m.group('ref')}" for m in _INSTALL.finditer(text)])
 
 
-def sync_urls(url: str | None = None, notebooks_dir: str | Path = pipeline.NOTEBOOKS_DIR,
+def sync_urls(url: str | None = None, notebooks_dir: str | Path = rundir.NOTEBOOKS_DIR,
               ref: str = DEFAULT_REF) -> list[Path]:
     """Rewrite the Colab badges and install lines of every notebook to `url` (default repository_url()) at `ref`;
     returns the notebooks that changed (only the touched cells' sources change)."""
@@ -305,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--set-url", metavar="URL", help="write URL into pyproject.toml, then sync the notebooks")
     group.add_argument("--sync-urls", action="store_true", help="rewrite the notebooks from pyproject.toml's URL")
     group.add_argument("--check", action="store_true", help="exit 1 if a notebook's badge or install line differs")
-    parser.add_argument("--notebooks-dir", type=Path, default=pipeline.NOTEBOOKS_DIR)
+    parser.add_argument("--notebooks-dir", type=Path, default=rundir.NOTEBOOKS_DIR)
     parser.add_argument("--ref", default=DEFAULT_REF, help="git ref of the badges and installs (default main)")
     args = parser.parse_args(argv)
     if args.check:

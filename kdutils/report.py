@@ -6,6 +6,9 @@ notebook 05_compare_to_hinton_kd), plus gradient_conflict.png and feature_distan
 and kq_rank_correlations.png when notebook 6 added its kq_validation block. Every file is written to a temporary
 file in its folder and renamed into place, so an interrupted report never leaves half a file. Nothing is trained or
 recomputed.
+
+Called by its command line, notebook 5 (write_report after its table) and kdutils.sweep (each combination's report,
+save_figure for the grid's figures).
 """
 from __future__ import annotations
 
@@ -18,9 +21,10 @@ from typing import Sequence
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kdutils.pipeline import RESULTS_FILE, require_artifact, results_markdown, write_atomic
-from kdutils.plots import (plot_accuracy_curves, plot_feature_distance, plot_gradient_conflict, plot_rank_correlations,
-                           plot_result_panel)
+from kdutils.results import RESULTS_FILE, results_markdown
+from kdutils.rundir import require_artifact, write_atomic
+from kdutils.result_plots import (plot_accuracy_curves, plot_feature_distance, plot_gradient_conflict,
+                                  plot_rank_correlations, plot_result_panel)
 
 RESULTS_NOTEBOOK = "05_compare_to_hinton_kd.ipynb"
 DPI = 120
@@ -72,7 +76,7 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
         raise ValueError(f"{source} is not valid JSON ({err}); rerun notebooks/{RESULTS_NOTEBOOK}.") from err
     if not isinstance(results, dict) or not isinstance(results.get("methods"), dict) or "teacher" not in results:
         raise ValueError(f"{source} has no 'methods'/'teacher' entries; it was not written by "
-                         f"kdutils.pipeline.summarize_runs (notebooks/{RESULTS_NOTEBOOK}).")
+                         f"kdutils.results.summarize_runs (notebooks/{RESULTS_NOTEBOOK}).")
     try:
         table = results_markdown(results)
         figures = _figures(results)

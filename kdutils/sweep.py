@@ -25,259 +25,37 @@ results.json / results.md / figures like the sequential pipeline's.
 
 Every node must see ROOT and the data folder at the same path (one machine, or a shared filesystem such as NFS):
 Ray moves the teacher cache between nodes, not checkpoints. Ray itself is imported only when a sweep runs.
+
+This module holds the driver (run_sweep: locks, Ray resources, submitting and collecting tasks), the grid report
+(sweep.md, the figures) and the command line; the tasks' bodies are kdutils.sweep_tasks. Called by its CLI and
+benchmarks/sweep_bench.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import datetime as dt
-import json
-import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
-from kdutils import pipeline
-from kdutils.distill import REGISTRY, distill, fill_teacher_cache, layer_arguments
-from kdutils.pipeline import NOTEBOOKS, PAIRS, PARAMETERS, PRESETS, RESULTS_FILE
-from kdutils.pipeline import write_atomic
+from kdutils.distill import REGISTRY
+from kdutils.pipeline import parse_value
+from kdutils.presets import PAIRS, PRESETS
 from kdutils.report import save_figure
+from kdutils.results import RESULTS_FILE, results_markdown
+from kdutils.rundir import default_data_root, default_run_dir, run_lock, shown_path, write_atomic, write_json_atomic
+from kdutils.sweep_tasks import (build_teacher_cache, cell_results, checkpoint_finished, needs_teacher_cache,
+                                 prepare_combination, student_checkpoint, sweep_cells, task_error, teacher_done,
+                                 train_student)
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
-TEACHER_NOTEBOOKS = NOTEBOOKS[:3]          # teacher, geometry, KQ: once per combination
-TEACHER_ARTIFACTS = ("teacher.pt", "teacher_metrics.json", "kq_layers.json")
-SWEPT_KEYS = ("dataset", "pair", "seeds")  # set by --datasets, --pairs and --seeds, not by -p
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# the grid
-
-def dataset_label(dataset: str) -> str:
-    """A dataset's name in folders and tables: the name itself, or an .npz file's stem."""
-    return Path(dataset).stem if dataset.lower().endswith(".npz") or "/" in dataset else dataset
-
-
-def combination_dir(root: str | Path, dataset: str, pair: str) -> Path:
-    """The run directory of one (dataset, pair) combination: ROOT/<dataset>/<pair>."""
-    return Path(root) / dataset_label(dataset) / pair
-
-
-def sweep_cells(root: str | Path, preset: str, datasets: Sequence[str], pairs: Sequence[str],
-                seeds: Sequence[int], params: dict) -> list[dict]:
-    """One cell per (dataset, pair): its label, run_dir, the notebook parameters and the resolved config."""
-    clash = sorted(set(SWEPT_KEYS) & set(params))
-    if clash:
-        raise ValueError(f"set {', '.join(clash)} with --datasets / --pairs / --seeds, not with -p.")
-    unknown = sorted(set(pair for pair in pairs) - set(PAIRS))
-    if unknown:
-        raise ValueError(f"unknown pair(s) {', '.join(unknown)}; choose from: {', '.join(PAIRS)}.")
-    labels = [dataset_label(d) for d in datasets]
-    if len(set(labels)) < len(labels) or len(set(pairs)) < len(pairs):
-        raise ValueError(f"datasets {list(datasets)} or pairs {list(pairs)} repeat one; list each once.")
-    cells = []
-    for dataset in datasets:
-        for pair in pairs:
-            overrides = pipeline.absolute_paths({**params, "dataset": dataset, "pair": pair, "seeds": list(seeds)})
-            config = pipeline.resolve_config(preset, **{k: v for k, v in overrides.items() if k in PARAMETERS})
-            cells.append({"dataset": dataset_label(dataset), "pair": pair, "key": f"{dataset_label(dataset)}/{pair}",
-                          "run_dir": str(combination_dir(root, dataset, pair).resolve()),
-                          "params": overrides, "config": config})
-    return cells
-
-
-def student_checkpoint(run_dir: str | Path, method: str, seed: int) -> Path:
-    """Where notebook 5 (and the sweep) keep a student run: RUN_DIR/students/<method>-seed<seed>.pt."""
-    return Path(run_dir) / "students" / f"{method}-seed{seed}.pt"
-
-
-def checkpoint_finished(path: str | Path, epochs: int) -> bool:
-    """Whether a student checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished)."""
-    from kdutils.train import load_checkpoint
-    if not Path(path).is_file():
-        return False
-    try:
-        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
-    except (RuntimeError, OSError):
-        return False
-
-
-def needs_teacher_cache(method: str, config: dict) -> bool:
-    """Whether a method's students read the teacher cache (features or logits, and no augmentation)."""
-    spec = REGISTRY[method]
-    return (spec.features or spec.kl) and not config["augment"]
-
-
-def teacher_done(run_dir: str | Path, config: dict) -> bool:
-    """Whether notebooks 1-3 already ran in run_dir with the settings they read from `config` (per their manifest)."""
-    run_dir = Path(run_dir)
-    manifest = run_dir / "manifests" / f"{Path(TEACHER_NOTEBOOKS[-1]).stem}.json"
-    if not manifest.is_file() or not all((run_dir / name).is_file() for name in TEACHER_ARTIFACTS):
-        return False
-    try:
-        saved = json.loads(manifest.read_text())["config"]
-    except (json.JSONDecodeError, KeyError, OSError):
-        return False
-    keys = set().union(*(pipeline.notebook_parameters(pipeline.NOTEBOOKS_DIR / nb) for nb in TEACHER_NOTEBOOKS))
-    keys = (keys & set(PARAMETERS)) | {"teacher", "student", "image_size"}
-    for key in sorted(keys):
-        if key == "seeds":       # notebooks 1-3 use the first seed only
-            same = saved.get("seeds", [None])[:1] == config["seeds"][:1]
-        elif key == "pretrained":
-            same = saved.get("pretrained_requested", saved.get("pretrained")) == config["pretrained"]
-        else:
-            same = saved.get(key) == config.get(key)
-        if not same:
-            return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the Ray tasks' bodies (plain functions; run_sweep wraps them with ray.remote)
-
-def _check_visible(run_dir: Path) -> None:
-    """Refuse to run on a node that does not see the combination's run_dir (no shared filesystem)."""
-    missing = [name for name in TEACHER_ARTIFACTS if not (run_dir / name).is_file()]
-    if missing:
-        import socket
-        raise FileNotFoundError(f"{', '.join(missing)} not found in {run_dir} on node {socket.gethostname()}: the "
-                                f"sweep root must be on a filesystem every Ray node mounts at the same path (NFS), "
-                                f"and notebooks 1-3 must have finished there.")
-
-
-def _set_threads(threads: int) -> None:
-    """Limit this task's torch to `threads` intra-op threads (results depend on the thread count on the CPU)."""
-    torch.set_num_threads(threads)
-
-
-def prepare_combination(run_dir: str, preset: str, params: dict, threads: int) -> dict:
-    """Ray task: run notebooks 1-3 (teacher, geometry, KQ) headless into run_dir; return their wall time."""
-    start = time.perf_counter()
-    before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)     # the notebooks' kernels inherit it
-    try:
-        pipeline.run_pipeline(run_dir, preset, params, progress=False, notebooks=TEACHER_NOTEBOOKS,
-                              lock=False)   # the sweep's driver holds run_dir's lock for the whole sweep
-    except FileNotFoundError as err:    # run_pipeline ends by reading results.json, which notebook 5 writes
-        if RESULTS_FILE not in str(err) or not all((Path(run_dir) / n).is_file() for n in TEACHER_ARTIFACTS):
-            raise
-    finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
-    return {"seconds": time.perf_counter() - start}
-
-
-def _load_combination(run_dir: Path, config: dict, data_root: str, device: torch.device) -> tuple:
-    """Notebook 5's inputs: kq_layers.json's selection, the dataset and the trained teacher."""
-    from kdutils.train import load_model
-    _check_visible(run_dir)
-    selection = json.loads((run_dir / "kq_layers.json").read_text())
-    data = pipeline.series_data(config, data_root)     # as notebooks 1-5: without the validation split
-    teacher = load_model(run_dir / "teacher.pt", device, expect_model=config["teacher"],
-                         num_classes=data.num_classes, role="teacher")
-    return selection, data, teacher
-
-
-def _map_arrays(obj: Any, convert: Callable[[Any], Any], kind: type) -> Any:
-    """`obj` with every `kind` value inside its dicts and lists replaced by convert(value)."""
-    if isinstance(obj, kind):
-        return convert(obj)
-    if isinstance(obj, dict):
-        return {k: _map_arrays(v, convert, kind) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_map_arrays(v, convert, kind) for v in obj]
-    return obj
-
-
-def build_teacher_cache(run_dir: str, config: dict, methods: Sequence[str], data_root: str, device: str,
-                        threads: int, cache_mb: float | None) -> dict:
-    """Ray task: one teacher pass building the feature/logit cache of `methods`, returned as numpy arrays."""
-    _set_threads(threads)
-    device = torch.device(device)
-    selection, data, teacher = _load_combination(Path(run_dir), config, data_root, device)
-    cache: dict = {}
-    for method in methods:
-        fill_teacher_cache(teacher, config["student"], data, method, cache=cache, seed=config["seeds"][0],
-                           augment=config["augment"], cache_budget_mb=cache_mb, device=device,
-                           batch_size=config["batch_size"], teacher_name=config["teacher"],
-                           **layer_arguments(method, selection))
-    return _map_arrays(cache, lambda t: t.cpu().numpy(), torch.Tensor)
-
-
-def _cache_on(stored: dict, device: torch.device) -> dict:
-    """A task's cache from the object store's numpy arrays: zero-copy on the CPU, on the GPU when it fits."""
-    import numpy as np
-    with warnings.catch_warnings():  # the object store's arrays are read-only; the cache only reads them
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        cache = _map_arrays(stored, torch.from_numpy, np.ndarray)
-    if device.type == "cuda":
-        mb = sum(e.get("megabytes", 0) for e in cache.values() if isinstance(e, dict))
-        if mb <= 0.6 * torch.cuda.mem_get_info(device)[0] / 2**20:
-            for entry in (e for e in cache.values() if isinstance(e, dict) and "tensors" in e):
-                entry["tensors"] = _map_arrays(entry["tensors"], lambda t: t.to(device), torch.Tensor)
-                entry["device"] = str(device)
-    return cache
-
-
-def train_student(run_dir: str, config: dict, method: str, seed: int, data_root: str, device: str, threads: int,
-                  cache: dict | None, cache_mb: float | None) -> dict:
-    """Ray task: notebook 5's distill call for one (method, seed), into its checkpoint; returns the history."""
-    import ray
-    _set_threads(threads)
-    start = time.perf_counter()
-    device = torch.device(device)
-    run_dir = Path(run_dir)
-    checkpoint = student_checkpoint(run_dir, method, seed)
-    status = "reused" if checkpoint_finished(checkpoint, config["student_epochs"]) else \
-        "resumed" if checkpoint.is_file() else "trained"
-    selection, data, teacher = _load_combination(run_dir, config, data_root, device)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    history = distill(teacher, config["student"], data, method, seed=seed, batch_size=config["batch_size"],
-                      augment=config["augment"], cache=_cache_on(cache, device) if cache else {},
-                      cache_budget_mb=cache_mb, checkpoint=checkpoint, device=device, progress=False,
-                      **pipeline.student_recipe(config), **layer_arguments(method, selection),
-                      monitor=pipeline.monitored(config, method))
-    return {"history": history, "status": status, "seconds": time.perf_counter() - start, "data_name": data.name,
-            "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(), "device": str(device)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# collecting
-
-def task_error(err: BaseException) -> str:
-    """A failed task's original exception as 'Type: message' (Ray wraps it in a RayTaskError)."""
-    cause = getattr(err, "cause", None) or err
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[0] if text else ''}".strip()
-
-
-def cell_results(cell: dict, runs: dict) -> dict | None:
-    """summarize_runs of a cell's methods whose every seed finished (as notebook 5 writes it), else None."""
-    config = cell["config"]
-    histories, dataset = {}, cell["dataset"]
-    for method in config["methods"]:
-        done = [runs.get((cell["key"], method, seed)) for seed in config["seeds"]]
-        if all(r is not None and r.get("history") for r in done):
-            histories[method] = [r["history"] for r in done]
-            dataset = done[0].get("data_name", dataset)
-    metrics = Path(cell["run_dir"]) / "teacher_metrics.json"
-    if not histories or not metrics.is_file():
-        return None
-    teacher_metrics = json.loads(metrics.read_text())
-    full = pipeline.teacher_config(config, cell["run_dir"])
-    teacher = {"model": config["teacher"], "test_acc": teacher_metrics["final_test_acc"],
-               **{k: full[k] for k in ("pretrained", "pretrained_requested") if k in full}}
-    results = pipeline.summarize_runs(histories, teacher=teacher, preset=config["preset"], dataset=dataset)
-    results["config"] = full
-    results["kq_layers"] = json.loads((Path(cell["run_dir"]) / "kq_layers.json").read_text())["kq_layers"]
-    return results
-
+# the grid report
 
 def _percent(row: dict, key: str) -> str:
     """'mean ± std' in percent for a results row (mean only, marked, for one seed)."""
@@ -328,7 +106,7 @@ def write_text(path: Path, text: str) -> Path:
 
 def write_figures(root: Path, sweep: dict) -> list[Path]:
     """ROOT/figures/<dataset>.png: the paper-format result grid (one panel per pair) of each dataset with a CE row."""
-    from kdutils.plots import plot_result_grid
+    from kdutils.result_plots import plot_result_grid
     paths = []
     for dataset in dict.fromkeys(c["dataset"] for c in sweep["cells"]):
         cells = {(c["dataset"], c["pair"]): c["results"] for c in sweep["cells"]
@@ -363,16 +141,16 @@ def run_sweep(root: str | Path, preset: str, datasets: Sequence[str], pairs: Seq
     import ray
     log = print if progress else (lambda *a, **k: None)
     root = Path(root).resolve()
-    data_root = str(Path(data_root).expanduser().resolve()) if data_root else str(pipeline.default_data_root())
+    data_root = str(Path(data_root).expanduser().resolve()) if data_root else str(default_data_root())
     cells = sweep_cells(root, preset, datasets, pairs, seeds, {**(params or {}), "data_root": data_root})
     if threads < 1 or teacher_threads < 1:
         raise ValueError(f"--threads and --teacher-threads must be >= 1; got {threads} and {teacher_threads}.")
     if not 0 < gpus_per_student <= 1:
         raise ValueError(f"--gpus-per-student must be in (0, 1], e.g. 0.25 for four small students per GPU; "
                          f"got {gpus_per_student}.")
-    with contextlib.ExitStack() as held:  # one run per folder: the root and each combination (pipeline.run_lock)
+    with contextlib.ExitStack() as held:  # one run per folder: the root and each combination (run_lock)
         for folder in (root, *(Path(c["run_dir"]) for c in cells)):
-            held.enter_context(pipeline.run_lock(folder, "sweep folder"))
+            held.enter_context(run_lock(folder, "sweep folder"))
         locks = held.pop_all()             # released when the sweep ends, below
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -467,7 +245,7 @@ def _drive(ray: Any, root: Path, cells: list[dict], data_root: str, device: str,
                      for c in cells for s in c["config"]["seeds"] for m in c["config"]["methods"]],
             "failures": failures,
         }
-        pipeline.write_json_atomic(root / SWEEP_JSON, sweep)
+        write_json_atomic(root / SWEEP_JSON, sweep)
         return sweep
 
     try:
@@ -513,8 +291,8 @@ def _drive(ray: Any, root: Path, cells: list[dict], data_root: str, device: str,
                 caches.pop(cell["key"], None)           # frees the teacher cache in the object store
                 results = cell_results(cell, runs)
                 if results is not None and set(results["methods"]) == set(cell["config"]["methods"]):
-                    pipeline.write_json_atomic(Path(cell["run_dir"]) / RESULTS_FILE, results)
-                    write_text(Path(cell["run_dir"]) / "results.md", pipeline.results_markdown(results))
+                    write_json_atomic(Path(cell["run_dir"]) / RESULTS_FILE, results)
+                    write_text(Path(cell["run_dir"]) / "results.md", results_markdown(results))
                     if figures and "ce" in results["methods"]:     # the figures show gains over the CE student
                         from kdutils.report import write_report
                         write_report(cell["run_dir"])
@@ -531,7 +309,7 @@ def _drive(ray: Any, root: Path, cells: list[dict], data_root: str, device: str,
     written = [root / SWEEP_JSON, root / SWEEP_MD, *(write_figures(root, sweep) if figures else [])]
     c = sweep["counts"]
     log(f"sweep: {n_runs} student runs: " + ", ".join(f"{n} {s}" for s, n in c.items()) +
-        f" in {sweep['wall_seconds']:.0f} s; wrote {', '.join(pipeline.shown_path(p) for p in written)}", flush=True)
+        f" in {sweep['wall_seconds']:.0f} s; wrote {', '.join(shown_path(p) for p in written)}", flush=True)
     for f in failures:
         log(f"  failed: {f['combination']} {f['stage']}"
             f"{'' if f['method'] is None else ' ' + f['method'] + ' seed ' + str(f['seed'])}: {f['error']}")
@@ -596,11 +374,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('error: the sweep needs Ray: pip install -e ".[sweep]" (or pip install "ray>=2.9")', file=sys.stderr)
         return 1
     try:
-        params = {name: pipeline.parse_value(value) for name, value in args.parameter}
+        params = {name: parse_value(value) for name, value in args.parameter}
         if args.methods:
             params["methods"] = args.methods
         base = PRESETS[args.preset]
-        root = args.root or pipeline.default_run_dir(f"sweep-{args.preset}")
+        root = args.root or default_run_dir(f"sweep-{args.preset}")
         sweep = run_sweep(root, args.preset, args.datasets or [base["dataset"]], args.pairs or [base["pair"]],
                           args.seeds or base["seeds"], params, device=args.device,
                           gpus_per_student=args.gpus_per_student, threads=args.threads,

@@ -1,15 +1,18 @@
-"""Training: seeding, evaluation, the AdamW + OneCycle loop, and atomic, resumable checkpoints."""
+"""Training: seeding, device and mixed precision, evaluation, and `fit` (AdamW + OneCycle, or the long SGD
+schedule), a short driver over named steps: make the optimiser and schedule, resume, one epoch with the divergence
+rule, save the epoch's checkpoint (kdutils.checkpoints writes and checks those files).
+
+Called by notebook 1 (fit, seed_everything), notebooks 2-6 (load_model), kdutils.distill (fit runs every method),
+kdutils.kq, kdutils.sweep_tasks, kdutils.presets, kdutils.rundir, kdutils.notebook and the benchmarks.
+"""
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import math
-import os
-import pickle
 import platform
 import random
-import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -20,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kdutils.checkpoints import check_architecture, check_data, load_checkpoint, load_state, model_name, save_checkpoint
 from kdutils.data import Dataset, batches, fingerprint, normalize
-from kdutils.models import build_model, head_parameters
+from kdutils.models import LONG_LR, PEAK_LR, build_model, head_parameters
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -57,8 +61,7 @@ class TrainingDiverged(RuntimeError):
 
 def suggested_lr(model: str, schedule: str, lr: float) -> tuple[float, str]:
     """The peak LR a divergence message suggests, and what it is: min(the presets' value for this model and
-    schedule (kdutils.pipeline.PEAK_LR / LONG_LR), lr / 10); lr / 10 for a model the presets do not know."""
-    from kdutils.pipeline import LONG_LR, PEAK_LR   # here: kdutils.pipeline imports this module
+    schedule (kdutils.models.PEAK_LR / LONG_LR), lr / 10); lr / 10 for a model the presets do not know."""
     default = (LONG_LR if schedule == "long" else PEAK_LR).get(model)
     if default is not None and default < lr / 10:
         return default, f"the presets' value for {model}"
@@ -148,86 +151,6 @@ def state_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def save_checkpoint(path: str | Path, state: dict) -> Path:
-    """Write a checkpoint atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint (tensors and plain data only: weights_only=True)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: train the model first (fit(..., checkpoint=path)).")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated/corrupt file or a pickle that is not plain data
-        detail = " ".join(str(e).split())                  # torch's message spans lines: keep it on one
-        if isinstance(e, pickle.UnpicklingError) and "weights_only" in detail:
-            # torch's advice (retry with weights_only=False) would unpickle an unknown file: not ours to follow
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", detail)
-            if found:
-                raise RuntimeError(f"could not read checkpoint {path}: it holds Python objects other than tensors "
-                                   f"and plain data (such as {found.group(1)}), which are never unpickled here "
-                                   f"(unpickling can run arbitrary code), so save_checkpoint did not write it: "
-                                   f"delete it and train again.") from None
-            reason = re.split(r"\. | Check the documentation", detail.split("WeightsUnpickler error:")[-1])[0]
-            reason = reason.strip()[:200]
-            raise RuntimeError(f"could not read checkpoint {path}: it is not a file save_checkpoint writes (damaged, "
-                               f"or another program's; torch: {reason}): delete it and train again.") from None
-        raise RuntimeError(f"could not read checkpoint {path}: delete it and train again ({type(e).__name__}: "
-                           f"{detail[:400]}{'...' if len(detail) > 400 else ''})") from e
-
-
-def model_name(model: nn.Module) -> str:
-    """The kdutils.models name a model was built with (its class name for other models)."""
-    return getattr(model, "kd_name", None) or type(model).__name__
-
-
-def _check_architecture(path: str | Path, saved: dict, model: str, num_classes: int, role: str = "model") -> None:
-    """Refuse a checkpoint written for another architecture or class count, naming what it holds and the fix."""
-    held = (saved.get("model"), saved.get("num_classes"))
-    if None in held or held == (model, num_classes):
-        return
-    raise ValueError(f"{path} holds a {held[0]} {role} for {held[1]} classes, not a {model} for {num_classes} "
-                     f"classes; choose another run directory (--run-dir) or delete {path}.")
-
-
-def _check_data(path: str | Path, recorded: dict, data: Dataset) -> None:
-    """Refuse a checkpoint whose record (config or meta) holds another data fingerprint than `data`'s, or none."""
-    now, source = fingerprint(data), data.source or f"this run's {data.name} data"
-    fix = "Delete the checkpoint or choose another run directory (--run-dir)."
-    old = recorded.get("data_fingerprint")
-    if old is None:
-        raise ValueError(f"{path} records no data fingerprint (it was written before kdutils recorded one), so "
-                         f"nothing shows it was trained on {source} (fingerprint {now}). {fix}")
-    if old != now:
-        was = recorded.get("data_source") or "its data"
-        what = ("its images or labels changed (the file was edited or replaced, or another subset or split of it "
-                "was taken)" if was == data.source else "other data")
-        raise ValueError(f"{path} was trained on data with fingerprint {old} (recorded from {was}); {source} now has "
-                         f"fingerprint {now}: {what}. {fix}")
-
-
-def _load_state(model: nn.Module, state: dict, path: str | Path) -> None:
-    """load_state_dict with a one-line error (not a page of size mismatches) when the weights do not fit."""
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))[:160]
-        raise ValueError(f"the weights in {path} do not fit a {model_name(model)} ({first} ...); it was written for "
-                         f"another model or class count: choose another run directory or delete it.") from None
-
-
 def _maybe_compile(model: nn.Module, enabled: bool) -> nn.Module:
     """torch.compile(model) when asked and available (it shares the model's parameters), else the model itself."""
     if not enabled:
@@ -245,6 +168,209 @@ def _short(path: str | Path) -> str:
     """A checkpoint as progress lines name it: its folder and file name (no machine path in notebook outputs)."""
     path = Path(path)
     return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
+def _check_fit_args(epochs: int, backbone_lr_scale: float, schedule: str) -> None:
+    """Refuse an epoch count below 1, a backbone LR scale outside (0, 1] or an unknown schedule."""
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0 < backbone_lr_scale <= 1:
+        raise ValueError(f"backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def param_groups(model: nn.Module, extra: nn.Module | None, lr: float, backbone_lr_scale: float
+                 ) -> tuple[list[dict], list[float]]:
+    """The optimiser's parameter groups and their peak LRs: every parameter (the model's, then extra's) at lr, or
+    with backbone_lr_scale < 1 the backbone at lr x backbone_lr_scale, then head (head_parameters) and extra at lr."""
+    extra_params = list(extra.parameters()) if extra is not None else []
+    if backbone_lr_scale == 1.0:
+        return [{"params": list(model.parameters()) + extra_params}], [lr]
+    head = head_parameters(model)
+    in_head = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if id(p) not in in_head]
+    return [{"params": backbone}, {"params": head + extra_params}], [lr * backbone_lr_scale, lr]
+
+
+def make_optimizer(model: nn.Module, extra: nn.Module | None, *, lr: float, backbone_lr_scale: float,
+                   weight_decay: float, schedule: str, epochs: int, steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW with a per-step OneCycle schedule to the groups' peaks, or for schedule="long" SGD (momentum 0.9) at the
+    peaks, x0.1 per step at LONG_SCHEDULE_MILESTONES scaled from LONG_SCHEDULE_EPOCHS to `epochs`."""
+    groups, peaks = param_groups(model, extra, lr, backbone_lr_scale)
+    if schedule == "long":
+        for group, peak in zip(groups, peaks):
+            group["lr"] = peak
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        milestones = [steps * max(1, round(m * epochs / LONG_SCHEDULE_EPOCHS)) for m in LONG_SCHEDULE_MILESTONES]
+        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)  # stepped per batch
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
+                                                    pct_start=ONE_CYCLE_PCT_START)
+
+
+def run_config(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int, weight_decay: float,
+               seed: int, augment: bool, backbone_lr_scale: float, schedule: str) -> dict:
+    """The settings a run's checkpoint records and a resume must match (model, class count and data fingerprint are
+    checked on their own)."""
+    config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
+              "augment": augment, "num_train": data.num_train, "dataset": data.name,
+              "model": model_name(model), "num_classes": data.num_classes, "data_fingerprint": fingerprint(data)}
+    if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
+        config["backbone_lr_scale"] = backbone_lr_scale
+    if schedule != "onecycle":
+        config["schedule"] = schedule
+    return config
+
+
+def resume(checkpoint: str | Path, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer,
+           sched: torch.optim.lr_scheduler.LRScheduler, *, config: dict, data: Dataset, epochs: int, desc: str,
+           device: torch.device) -> tuple[list[dict], float | None, bool]:
+    """Load a run's checkpoint once it shows this architecture, settings and data; returns the history so far, the
+    divergence reference and whether the run had finished (then it is reused: optimiser and schedule stay as built)."""
+    ck = load_checkpoint(checkpoint, map_location=device)
+    check_architecture(checkpoint, ck["config"], config["model"], config["num_classes"],
+                        role=desc if desc in ("teacher", "student") else "model")
+    diff = {k: (ck["config"].get(k), v) for k, v in config.items()
+            if k not in ("model", "num_classes", "data_fingerprint") and ck["config"].get(k) != v}
+    if diff:
+        raise ValueError(f"checkpoint {checkpoint} was written by a different run (saved vs now: {diff}); "
+                         "delete it or choose another run directory.")
+    check_data(checkpoint, {**ck.get("meta", {}), **ck["config"]}, data)
+    load_state(model, ck["model"], checkpoint)
+    if extra is not None and ck.get("extra") is not None:
+        extra.load_state_dict(ck["extra"])
+    history = list(ck["history"])
+    if ck["epoch"] >= epochs:
+        print(f"{desc}: reusing finished checkpoint {_short(checkpoint)} "
+              f"({epochs} epochs, test acc {history[-1]['test_acc']:.4f})")
+        return history, ck.get("loss_reference"), True
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    print(f"{desc}: resuming {_short(checkpoint)} after epoch {ck['epoch']} of {epochs}")
+    return history, ck.get("loss_reference"), False
+
+
+def _with_eager_fallback(net: nn.Module, model: nn.Module, loss_fn: LossFn
+                         ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """loss_fn on `net` (the model or its torch.compile); if compilation fails on the first step, a message and the
+    eager model from then on (after one good compiled step, errors are the model's, not the compiler's)."""
+    compiled_ran = False
+
+    def step_loss(xb: torch.Tensor, yb: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step's (loss, logits)."""
+        nonlocal net, compiled_ran
+        try:
+            loss, logits = loss_fn(net, xb, yb, idx)
+        except Exception as err:  # torch.compile failed on its first step: train eagerly instead
+            if net is model or compiled_ran:
+                raise
+            print(f"compile_model: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
+                  "training eagerly", flush=True)
+            net = model
+            loss, logits = loss_fn(net, xb, yb, idx)
+        compiled_ran = True
+        return loss, logits
+    return step_loss
+
+
+def loss_reference(reference: float | None, value: torch.Tensor) -> float:
+    """The divergence rule's yardstick: max(1, the first step's loss) (1 if that is not finite), kept once set."""
+    if reference is None:
+        reference = max(1.0, value.item()) if math.isfinite(value.item()) else 1.0
+    return reference
+
+
+def flag_divergence(value: torch.Tensor, reference: float, step: int, first_bad: torch.Tensor,
+                    bad_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The divergence rule on one step's loss, on its device (no sync): a loss that is not finite or exceeds
+    DIVERGENCE_FACTOR x reference marks the epoch's first bad step (first_bad, -1 while none) and its loss."""
+    bad = ~torch.isfinite(value) | (value > DIVERGENCE_FACTOR * reference)
+    first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
+    bad_loss = torch.where(bad & (first_bad == step), value, bad_loss)
+    return first_bad, bad_loss
+
+
+def divergence_error(epoch: int, step: int, value: float, reference: float, *, checkpoint: str | Path | None,
+                     desc: str, steps: int, model: str, schedule: str, lr: float, lr_name: str) -> TrainingDiverged:
+    """The TrainingDiverged naming the epoch, step and LR to lower, once the run's partial checkpoint is removed."""
+    removed = ""
+    if checkpoint is not None and Path(checkpoint).exists():
+        Path(checkpoint).unlink()
+        removed = f" Its partial checkpoint {checkpoint} was removed."
+    why = "is not finite" if not math.isfinite(value) else \
+        f"exceeds {DIVERGENCE_FACTOR:g} x its start ({reference:.4g})"
+    lower, what = suggested_lr(model, schedule, lr)
+    return TrainingDiverged(
+        f"{desc} diverged in epoch {epoch}, step {step} of {steps}: the loss {value:.4g} {why}. Lower the peak "
+        f"learning rate ({lr_name}, now {lr:g}; e.g. -p {lr_name} {lower:g}, {what}) and run again.{removed}")
+
+
+def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                    sched: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backpropagate a step's loss through the gradient scaler, then step the optimiser and the per-step schedule."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+
+
+def train_epoch(step_loss: Callable, model: nn.Module, data: Dataset, epoch: int, *, epochs: int, seed: int,
+                batch_size: int, drop_last: bool, steps: int, augment: bool, amp: bool, device: torch.device,
+                opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                scaler: torch.amp.GradScaler, desc: str, progress: bool, reference: float | None,
+                on_diverge: Callable[..., TrainingDiverged]) -> tuple[float, float, float | None]:
+    """One epoch's steps in the data order of (seed, epoch), the divergence rule checked every step (on CUDA every
+    DIVERGENCE_CHECK_EVERY and the last); returns the mean loss, the train accuracy and the divergence reference."""
+    model.train()
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # data order depends only on (seed, epoch)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)   # first diverged step, read back rarely
+    bad_loss = torch.zeros((), device=device)
+    seen = 0
+    it = batches(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen, drop_last=drop_last,
+                 mean=data.mean, std=data.std, augment=augment, with_index=True)
+    bar = tqdm(it, total=steps, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
+    for step, (xb, yb, idx) in enumerate(bar, 1):
+        xb = to_input(xb, device)
+        with autocast(device, amp):
+            loss, logits = step_loss(xb, yb, idx)
+        value = loss.detach().float()
+        reference = loss_reference(reference, value)
+        first_bad, bad_loss = flag_divergence(value, reference, step, first_bad, bad_loss)
+        if device.type != "cuda" or step % DIVERGENCE_CHECK_EVERY == 0 or step == steps:
+            if first_bad.item() >= 0:
+                raise on_diverge(epoch, int(first_bad.item()), bad_loss.item(), reference)
+        _optimizer_step(loss, opt, scaler, sched)
+        loss_sum += value * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+    if first_bad.item() >= 0:
+        raise on_diverge(epoch, int(first_bad.item()), bad_loss.item(), reference)
+    return loss_sum.item() / max(seen, 1), correct.item() / max(seen, 1), reference
+
+
+def epoch_row(model: nn.Module, data: Dataset, epoch: int, *, loss: float, train_acc: float,
+              sched: torch.optim.lr_scheduler.LRScheduler, started: float) -> dict:
+    """An epoch's history row: train loss and accuracy, test accuracy now, seconds since `started`, LR, size."""
+    test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
+    return {"epoch": epoch, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
+            "seconds": time.perf_counter() - started, "lr": sched.get_last_lr()[0],
+            "params": sum(p.numel() for p in model.parameters())}     # of the network that predicts
+
+
+def save_epoch(checkpoint: str | Path, *, model: nn.Module, extra: nn.Module | None, opt: torch.optim.Optimizer,
+               sched: torch.optim.lr_scheduler.LRScheduler, epoch: int, history: list[dict], config: dict,
+               reference: float | None, meta: dict, accuracy: float) -> None:
+    """Checkpoint a run after `epoch`: weights, optimiser and schedule state, history, settings and meta."""
+    save_checkpoint(checkpoint, {
+        "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
+        "history": history, "config": config, "loss_reference": reference,
+        "meta": {**meta, "epoch": epoch, "accuracy": accuracy, "versions": library_versions()}})
 
 
 def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: int = 128,
@@ -273,12 +399,7 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     message naming both fingerprints, and so is one that records none (written by an older kdutils): nothing shows
     which data it saw, so it is safer to delete it (or choose another run directory) and train again.
     """
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if not 0 < backbone_lr_scale <= 1:
-        raise ValueError(f"backbone_lr_scale must be in (0, 1], got {backbone_lr_scale}")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    _check_fit_args(epochs, backbone_lr_scale, schedule)
     device = torch.device(device) if device is not None else default_device()
     loss_fn = loss_fn or cross_entropy_loss
     model = prepare_model(model, device)
@@ -288,134 +409,39 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     data = data.to(device)
     drop_last = data.num_train > batch_size
     steps = data.num_train // batch_size if drop_last else -(-data.num_train // batch_size)
-    extra_params = list(extra.parameters()) if extra is not None else []
-    if backbone_lr_scale == 1.0:
-        groups, peaks = [{"params": list(model.parameters()) + extra_params}], [lr]
-    else:
-        head = head_parameters(model)
-        in_head = {id(p) for p in head}
-        backbone = [p for p in model.parameters() if id(p) not in in_head]
-        groups, peaks = [{"params": backbone}, {"params": head + extra_params}], [lr * backbone_lr_scale, lr]
-    if schedule == "long":
-        for group, peak in zip(groups, peaks):
-            group["lr"] = peak
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-        milestones = [steps * max(1, round(m * epochs / LONG_SCHEDULE_EPOCHS)) for m in LONG_SCHEDULE_MILESTONES]
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)   # stepped per batch
-    else:
-        opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
-                                                    pct_start=ONE_CYCLE_PCT_START)
+    opt, sched = make_optimizer(model, extra, lr=lr, backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
+                                schedule=schedule, epochs=epochs, steps=steps)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not native_bf16(device))
-    config = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "weight_decay": weight_decay, "seed": seed,
-              "augment": augment, "num_train": data.num_train, "dataset": data.name,
-              "model": model_name(model), "num_classes": data.num_classes, "data_fingerprint": fingerprint(data)}
-    if backbone_lr_scale != 1.0:  # only then, so checkpoints of plain runs keep their config
-        config["backbone_lr_scale"] = backbone_lr_scale
-    if schedule != "onecycle":
-        config["schedule"] = schedule
+    config = run_config(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                        seed=seed, augment=augment, backbone_lr_scale=backbone_lr_scale, schedule=schedule)
     meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed,
             "data_fingerprint": config["data_fingerprint"], "data_source": data.source}
     history: list[dict] = []
     reference: float | None = None     # max(1, first-step loss): the divergence rule's yardstick
-
     if checkpoint is not None and Path(checkpoint).exists():
-        ck = load_checkpoint(checkpoint, map_location=device)
-        _check_architecture(checkpoint, ck["config"], config["model"], config["num_classes"],
-                            role=desc if desc in ("teacher", "student") else "model")
-        diff = {k: (ck["config"].get(k), v) for k, v in config.items()
-                if k not in ("model", "num_classes", "data_fingerprint") and ck["config"].get(k) != v}
-        if diff:
-            raise ValueError(f"checkpoint {checkpoint} was written by a different run (saved vs now: {diff}); "
-                             "delete it or choose another run directory.")
-        _check_data(checkpoint, {**ck.get("meta", {}), **ck["config"]}, data)
-        _load_state(model, ck["model"], checkpoint)
-        if extra is not None and ck.get("extra") is not None:
-            extra.load_state_dict(ck["extra"])
-        history = list(ck["history"])
-        reference = ck.get("loss_reference")
-        if ck["epoch"] >= epochs:
-            print(f"{desc}: reusing finished checkpoint {_short(checkpoint)} "
-                  f"({epochs} epochs, test acc {history[-1]['test_acc']:.4f})")
+        history, reference, finished = resume(checkpoint, model, extra, opt, sched, config=config, data=data,
+                                              epochs=epochs, desc=desc, device=device)
+        if finished:
             return history
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        print(f"{desc}: resuming {_short(checkpoint)} after epoch {ck['epoch']} of {epochs}")
-
-    net = _maybe_compile(model, compile_model)
-    compiled_ran = False      # after one good compiled step, errors are the model's, not the compiler's
-
-    def diverged(epoch: int, step: int, value: float) -> TrainingDiverged:
-        removed = ""
-        if checkpoint is not None and Path(checkpoint).exists():
-            Path(checkpoint).unlink()
-            removed = f" Its partial checkpoint {checkpoint} was removed."
-        why = "is not finite" if not math.isfinite(value) else \
-            f"exceeds {DIVERGENCE_FACTOR:g} x its start ({reference:.4g})"
-        lower, what = suggested_lr(config["model"], schedule, lr)
-        return TrainingDiverged(
-            f"{desc} diverged in epoch {epoch}, step {step} of {steps}: the loss {value:.4g} {why}. Lower the peak "
-            f"learning rate ({lr_name}, now {lr:g}; e.g. -p {lr_name} {lower:g}, {what}) and run again.{removed}")
-
+    step_loss = _with_eager_fallback(_maybe_compile(model, compile_model), model, loss_fn)
+    on_diverge = functools.partial(divergence_error, checkpoint=checkpoint, desc=desc, steps=steps,
+                                   model=config["model"], schedule=schedule, lr=lr, lr_name=lr_name)
     for epoch in range(len(history) + 1, epochs + 1):
-        model.train()
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)  # data order depends only on (seed, epoch)
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)   # first diverged step, read back rarely
-        bad_loss = torch.zeros((), device=device)
-        seen = 0
-        it = batches(data.x_train, data.y_train, batch_size, shuffle=True, generator=gen, drop_last=drop_last,
-                     mean=data.mean, std=data.std, augment=augment, with_index=True)
-        bar = tqdm(it, total=steps, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
-        for step, (xb, yb, idx) in enumerate(bar, 1):
-            xb = to_input(xb, device)
-            with autocast(device, amp):
-                try:
-                    loss, logits = loss_fn(net, xb, yb, idx)
-                except Exception as err:  # torch.compile failed on its first step: train eagerly instead
-                    if net is model or compiled_ran:
-                        raise
-                    print(f"compile_model: torch.compile failed ({type(err).__name__}: {str(err)[:200]}); "
-                          "training eagerly", flush=True)
-                    net = model
-                    loss, logits = loss_fn(net, xb, yb, idx)
-            compiled_ran = True
-            value = loss.detach().float()
-            if reference is None:
-                reference = max(1.0, value.item()) if math.isfinite(value.item()) else 1.0
-            bad = ~torch.isfinite(value) | (value > DIVERGENCE_FACTOR * reference)
-            first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-            bad_loss = torch.where(bad & (first_bad == step), value, bad_loss)
-            if device.type != "cuda" or step % DIVERGENCE_CHECK_EVERY == 0 or step == steps:
-                if first_bad.item() >= 0:
-                    raise diverged(epoch, int(first_bad.item()), bad_loss.item())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            loss_sum += value * len(yb)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(yb)
-        if first_bad.item() >= 0:
-            raise diverged(epoch, int(first_bad.item()), bad_loss.item())
-        test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
-        row = {"epoch": epoch, "loss": loss_sum.item() / max(seen, 1), "train_acc": correct.item() / max(seen, 1),
-               "test_acc": test_acc, "seconds": time.perf_counter() - t0, "lr": sched.get_last_lr()[0],
-               "params": sum(p.numel() for p in model.parameters())}     # of the network that predicts
+        started = time.perf_counter()
+        loss, train_acc, reference = train_epoch(
+            step_loss, model, data, epoch, epochs=epochs, seed=seed, batch_size=batch_size, drop_last=drop_last,
+            steps=steps, augment=augment, amp=amp, device=device, opt=opt, sched=sched, scaler=scaler, desc=desc,
+            progress=progress, reference=reference, on_diverge=on_diverge)
+        row = epoch_row(model, data, epoch, loss=loss, train_acc=train_acc, sched=sched, started=started)
+        test_acc = row["test_acc"]     # as evaluated, whatever on_epoch_end does to the row
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, row)
         history.append(row)
         print(f"{desc} epoch {epoch}/{epochs}: loss {row['loss']:.4f}  train acc {row['train_acc']:.4f}  "
               f"test acc {test_acc:.4f}  ({row['seconds']:.1f}s)", flush=True)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "model": model.state_dict(), "extra": extra.state_dict() if extra is not None else None,
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch,
-                "history": history, "config": config, "loss_reference": reference,
-                "meta": {**meta, "epoch": epoch, "accuracy": test_acc, "versions": library_versions()}})
+            save_epoch(checkpoint, model=model, extra=extra, opt=opt, sched=sched, epoch=epoch, history=history,
+                       config=config, reference=reference, meta=meta, accuracy=test_acc)
     return history
 
 
@@ -434,10 +460,10 @@ def load_model(path: str | Path, device: torch.device | str | None = None, *, ex
     if missing:
         raise ValueError(f"checkpoint {path} has no {missing} in its meta; train it with "
                          "fit(..., meta={'model': name, 'image_size': size}).")
-    _check_architecture(path, meta, expect_model or meta["model"],
+    check_architecture(path, meta, expect_model or meta["model"],
                         meta["num_classes"] if num_classes is None else num_classes, role)
     if data is not None:
-        _check_data(path, meta, data)
+        check_data(path, meta, data)
     model = build_model(meta["model"], meta["num_classes"], image_size=meta.get("image_size", 32))
-    _load_state(model, ck["model"], path)
+    load_state(model, ck["model"], path)
     return prepare_model(model, torch.device(device) if device is not None else default_device()).eval()

@@ -5,6 +5,9 @@ recipe) with one pair, its last distillation layer <- teacher layer t, and score
 from the training images (never the test split). Spearman's rank correlation then says how well each score (S, I,
 E, sqrt(IE), Q, a linear probe, depth) orders the layers by that value, and top-k selections by each score are
 trained under the same recipe and seeds and compared on the test split.
+
+Called by notebook 6 (06_validate_kq: the sweep, the correlations, the selections and their summary) and the tests;
+its runs go through kdutils.distill.distill.
 """
 from __future__ import annotations
 

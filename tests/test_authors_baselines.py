@@ -1,17 +1,17 @@
 """SimKD and SemCKD as the paper's released code runs them (METHOD.md section 6, 9.7, 9.8): every value here is
 computed again in the test from the modules and a few lines of arithmetic, not by the helpers under test."""
-import dataclasses
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdutils.data import batches, load_dataset
-from kdutils.distill import distill, distill_loss, gradient_flow, semckd_attention, semckd_modules, simkd_student
-from kdutils.layers import extract, model_tail, standard_layers
+from kdutils.checkpoints import load_checkpoint
+from kdutils.data import batches
+from kdutils.distill import distill, distill_loss, gradient_flow
+from kdutils.feature_losses import semckd_attention, semckd_modules, simkd_student
+from kdutils.layers import extract, model_tail
 from kdutils.models import build_model
-from kdutils.train import fit, load_checkpoint, seed_everything
+from kdutils.train import fit, seed_everything
 
 TEACHER, STUDENT = "resnet18_narrow", "resnet10_narrow"     # standard layers (2, 4, 6, 8) and (1, 2, 3, 4)
 

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdutils import pipeline
+from kdutils import pipeline, presets, rundir
 from kdutils.data import load_dataset
 from kdutils.distill import distill
 from kdutils.kq import knowledge_quality, layer_qualities
 from kdutils.models import build_model
+from kdutils.results import results_markdown, summarize_runs
 from kdutils.train import TrainingDiverged, fit, load_model, seed_everything
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -93,15 +94,15 @@ def test_healthy_run_is_not_flagged(digits):
 ])
 def test_bad_config_is_refused_with_the_fix(overrides, words):
     with pytest.raises(ValueError) as err:
-        pipeline.resolve_config("quick", **overrides)
+        presets.resolve_config("quick", **overrides)
     for word in words:
         assert word in str(err.value), str(err.value)
 
 
 def test_k_chooses_the_deepest_student_layers_and_per_class_all_restores_the_train_split():
-    assert pipeline.resolve_config("quick", k=2)["k"] == 2
-    config = pipeline.resolve_config("cifar10-cpu", per_class="all")
-    assert config["per_class"] is None and pipeline.PRESETS["cifar10-cpu"]["per_class"] == 500
+    assert presets.resolve_config("quick", k=2)["k"] == 2
+    config = presets.resolve_config("cifar10-cpu", per_class="all")
+    assert config["per_class"] is None and presets.PRESETS["cifar10-cpu"]["per_class"] == 500
     assert pipeline.parse_value("all") == "all"   # so `-p per_class all` reaches resolve_config as "all"
 
 
@@ -127,37 +128,37 @@ def test_cli_exit_codes_for_bad_values(capsys, tmp_path):
 # 4. an offline "pretrained" teacher is recorded as what it was
 
 def test_offline_fallback_is_recorded_in_manifests_results_and_report(tmp_path):
-    config = pipeline.resolve_config("cifar10")
+    config = presets.resolve_config("cifar10")
     assert config["pretrained"] is True
-    pipeline.write_json_atomic(tmp_path / "teacher_metrics.json", {"pretrained": False, "final_test_acc": 0.5})
-    real = pipeline.teacher_config(config, tmp_path)
+    rundir.write_json_atomic(tmp_path / "teacher_metrics.json", {"pretrained": False, "final_test_acc": 0.5})
+    real = rundir.teacher_config(config, tmp_path)
     assert real["pretrained"] is False and real["pretrained_requested"] is True
     (tmp_path / "a.txt").write_text("x")
-    manifest = json.loads(pipeline.write_manifest(tmp_path, "01_train_teacher", config,
-                                                  {"a": tmp_path / "a.txt"}).read_text())
+    manifest = json.loads(rundir.write_manifest(tmp_path, "01_train_teacher", config,
+                                                {"a": tmp_path / "a.txt"}).read_text())
     assert manifest["config"]["pretrained"] is False and manifest["config"]["pretrained_requested"] is True
     teacher = {"model": "resnet34", "test_acc": 0.5, "pretrained": False, "pretrained_requested": True}
     history = [{"epoch": 1, "loss": 1.0, "train_acc": 0.5, "test_acc": 0.4, "seconds": 1.0}]
-    results = pipeline.summarize_runs({"ce": [history]}, teacher=teacher, preset="cifar10", dataset="cifar10")
+    results = summarize_runs({"ce": [history]}, teacher=teacher, preset="cifar10", dataset="cifar10")
     assert results["teacher"]["pretrained"] is False
     assert "trained from scratch: the ImageNet weights it asked for were unavailable" in \
-        pipeline.results_markdown(results)
+        results_markdown(results)
     # a teacher that really was pretrained keeps its label, and a run without metrics keeps the config
-    pipeline.write_json_atomic(tmp_path / "teacher_metrics.json", {"pretrained": True})
-    assert "pretrained_requested" not in pipeline.teacher_config(config, tmp_path)
-    assert pipeline.teacher_config(config, tmp_path / "none") == config
+    rundir.write_json_atomic(tmp_path / "teacher_metrics.json", {"pretrained": True})
+    assert "pretrained_requested" not in rundir.teacher_config(config, tmp_path)
+    assert rundir.teacher_config(config, tmp_path / "none") == config
 
 
 # ------------------------------------------------------------------------------------------------------------
 # 5. Tiny ImageNet KQ samples 50 images per class for CNN teachers (METHOD.md 3.1)
 
 def test_kq_per_class_follows_dataset_and_teacher():
-    assert pipeline.resolve_config("tinyimagenet")["kq_per_class"] == 50
-    assert pipeline.resolve_config("tinyimagenet", pair="vitb-vitet")["kq_per_class"] == 500
-    assert pipeline.resolve_config("cifar10")["kq_per_class"] == 500
-    assert pipeline.resolve_config("cifar10", dataset="tinyimagenet")["kq_per_class"] == 50
-    assert pipeline.resolve_config("tinyimagenet", kq_per_class=20)["kq_per_class"] == 20
-    assert all(pipeline.resolve_config(p)["kq_per_class"] == 500 for p in ("quick", "cifar10-cpu", "cifar100"))
+    assert presets.resolve_config("tinyimagenet")["kq_per_class"] == 50
+    assert presets.resolve_config("tinyimagenet", pair="vitb-vitet")["kq_per_class"] == 500
+    assert presets.resolve_config("cifar10")["kq_per_class"] == 500
+    assert presets.resolve_config("cifar10", dataset="tinyimagenet")["kq_per_class"] == 50
+    assert presets.resolve_config("tinyimagenet", kq_per_class=20)["kq_per_class"] == 20
+    assert all(presets.resolve_config(p)["kq_per_class"] == 500 for p in ("quick", "cifar10-cpu", "cifar100"))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Tests for kdutils.data: loaders (digits, .npz, a miniature Tiny ImageNet tree), error messages, batches."""
+"""Tests for kdutils.data and kdutils.datasets: loaders (digits, .npz, a miniature Tiny ImageNet tree), error
+messages, batches."""
 import shutil
 import urllib.error
 from pathlib import Path
@@ -11,7 +12,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from kdutils.data import TINY_CACHE, TINY_DIR, Dataset, batches, load_dataset, normalize, random_crop_flip
+from kdutils.data import Dataset, batches, load_dataset, normalize, random_crop_flip
+from kdutils.datasets import TINY_CACHE, TINY_DIR
 
 
 # ---------------------------------------------------------------------------------------------------------------

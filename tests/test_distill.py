@@ -1,6 +1,5 @@
 """distill: loss values by hand, projector shapes and alignment, gradient isolation of the CE-free head, the teacher
 cache (reuse, invalidation, on-the-fly fallback), every method end to end, and the teacher left untouched."""
-import dataclasses
 import math
 
 import pytest
@@ -8,12 +7,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kdutils.data import batches, load_dataset
-from kdutils.distill import (METHODS, distill, distill_loss, feature_loss, feature_map, fill_teacher_cache, kd_loss,
-                             make_projectors, pair_layers, teacher_targets)
+from kdutils.checkpoints import load_checkpoint
+from kdutils.data import batches
+from kdutils.distill import METHODS, distill, distill_loss, fill_teacher_cache, kd_loss
+from kdutils.feature_losses import feature_loss, make_projectors
+from kdutils.feature_maps import feature_map, pair_layers, teacher_targets
 from kdutils.layers import extract, standard_layers
 from kdutils.models import build_model
-from kdutils.train import load_checkpoint, seed_everything, state_fingerprint
+from kdutils.train import seed_everything, state_fingerprint
 
 TEACHER, STUDENT = "resnet18_narrow", "resnet10_narrow"
 KQ_LIKE = [5, 6, 7, 8]   # deep teacher layers, as KQ picks them; fixed here so the tests need no KQ run
@@ -281,7 +282,8 @@ def test_standardized_kd_loss_hand_computed():
 
 
 def test_similarity_loss_hand_computed():
-    from kdutils.distill import similarity_loss, teacher_targets
+    from kdutils.feature_losses import similarity_loss
+    from kdutils.feature_maps import teacher_targets
     s = torch.tensor([[1.0, 0.0], [1.0, 1.0]])          # normalised: (1, 0), (1, 1)/sqrt(2) -> off-diagonal 1/sqrt(2)
     t = torch.tensor([[0.0, 2.0], [0.0, 3.0]])          # normalised: both (0, 1) -> every entry 1
     targets = teacher_targets([t], [(2,)], [(2,)], kind="normalized")
@@ -292,10 +294,21 @@ def test_similarity_loss_hand_computed():
                                                          kind="normalized")).item() == pytest.approx(0.0, abs=1e-7)
 
 
+def test_every_feature_method_names_one_registered_unit():
+    from kdutils.distill import REGISTRY
+    from kdutils.feature_losses import FEATURE_LOSSES
+    assert {m.feature for m in REGISTRY.values() if m.feature} == set(FEATURE_LOSSES)
+    assert [n for n, m in REGISTRY.items() if m.monitorable] == [n for n, m in REGISTRY.items() if m.feature == "mse"]
+    assert [n for n, m in REGISTRY.items() if m.wraps_student] == ["simkd"]
+    assert all(m.unit is None for m in REGISTRY.values() if not m.features)
+
+
 def test_all_to_all_pairs_average_every_pair():
-    from kdutils.distill import expand_pairs, feature_loss, make_projectors, teacher_targets
-    assert expand_pairs("fitnets_kd", [2, 1], [7, 5]) == ([1, 2], [5, 7])
-    assert expand_pairs("fitnets_fc_kd", [2, 1], [7, 5]) == ([1, 1, 2, 2], [5, 7, 5, 7])
+    from kdutils.distill import REGISTRY
+    from kdutils.feature_losses import feature_loss, make_projectors
+    from kdutils.feature_maps import teacher_targets
+    assert REGISTRY["fitnets_kd"].unit.pairs([2, 1], [7, 5]) == ([1, 2], [5, 7])
+    assert REGISTRY["fitnets_fc_kd"].unit.pairs([2, 1], [7, 5]) == ([1, 1, 2, 2], [5, 7, 5, 7])
     torch.manual_seed(0)
     s_shapes, t_shapes = [(2, 4, 4), (2, 4, 4), (3, 2, 2), (3, 2, 2)], [(4, 2, 2), (5, 1, 1)] * 2
     student = [torch.randn(2, *sh) for sh in s_shapes]
@@ -438,14 +451,14 @@ def test_same_init_and_data_order_resume_and_guards(tiny, teacher, tmp_path):
 def test_default_teacher_layers_come_from_kq(tiny, teacher, monkeypatch, tmp_path):
     import pandas as pd
 
-    import kdutils.kq as kq
+    import kdutils.distill as distill_module
     calls = []
 
     def fake_layer_qualities(model, dataset, *args, **kwargs):   # KQ itself is tested in test_kq.py
         calls.append(dataset.num_train)
         return pd.DataFrame({"quality": [0.1, 0.5, 0.2, 0.9, 0.8, 0.7]}, index=pd.RangeIndex(6, name="layer"))
 
-    monkeypatch.setattr(kq, "layer_qualities", fake_layer_qualities)
+    monkeypatch.setattr(distill_module, "layer_qualities", fake_layer_qualities)
     cache = {}
     for method in ("feature_kd", "feature_kd_ce"):
         ck = tmp_path / f"{method}.pt"
@@ -484,7 +497,8 @@ def test_gradient_isolation_of_every_paper_student(tiny, student_name, teacher_n
 
 
 def test_simkd_predicts_through_the_teacher_tail(tiny, tmp_path):
-    from kdutils.distill import SimKDStudent, gradient_flow, simkd_student
+    from kdutils.distill import gradient_flow
+    from kdutils.feature_losses import SimKDStudent, simkd_student
     seed_everything(0)
     teacher = build_model(TEACHER, 10).eval().requires_grad_(False)
     student = simkd_student(teacher, build_model(STUDENT, 10), [4], [8], 32, seed=0)
@@ -508,7 +522,7 @@ def test_simkd_predicts_through_the_teacher_tail(tiny, tmp_path):
 
 
 def test_semckd_loss_weights_pairs_by_attention():
-    from kdutils.distill import semckd_loss, semckd_modules
+    from kdutils.feature_losses import semckd_loss, semckd_modules
     torch.manual_seed(0)
     s_unique, t_unique = [(4, 4, 4), (6, 2, 2)], [(5, 4, 4), (3, 2, 2)]
     s_shapes = [s for s in s_unique for _ in t_unique]
@@ -541,7 +555,7 @@ def test_semckd_loss_weights_pairs_by_attention():
 # loss terms per epoch and the monitor (gradient conflict, distance to the teacher)
 
 def test_linear_cka_and_gradient_cosine_known_values():
-    from kdutils.distill import _cosine, linear_cka
+    from kdutils.monitor import _cosine, linear_cka
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(64, 20, generator=gen)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen))
@@ -555,7 +569,7 @@ def test_linear_cka_and_gradient_cosine_known_values():
 
 
 def test_stage_parameters_partition_the_backbone():
-    from kdutils.distill import stage_parameters
+    from kdutils.monitor import stage_parameters
     from kdutils.layers import split_at_layer
     model = build_model(STUDENT, 10)
     stages = stage_parameters(model, standard_layers(STUDENT))
@@ -590,7 +604,7 @@ def test_monitor_measures_without_changing_the_run(tiny, teacher):
 def test_monitor_cosine_matches_a_direct_computation(tiny, teacher):
     """One fixed batch, one epoch at lr 0 (the weights do not move): the recorded cosine per stage equals the cosine
     of the CE and feature gradients computed directly on that batch."""
-    from kdutils.distill import _cosine, stage_parameters
+    from kdutils.monitor import _cosine, stage_parameters
     seed_everything(0)
     student = build_model(STUDENT, 10)
     history = distill(teacher, student, tiny, "feature_kd_ce", teacher_layers=SMALL_LAYERS, teacher_name=SMALL,

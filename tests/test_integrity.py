@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdutils import kq, pipeline
+from kdutils import kq, presets, rundir
 from kdutils.data import Dataset, fingerprint, load_dataset, peek_npz, split_validation
 from kdutils.distill import distill_loss
 from kdutils.models import build_model
-from kdutils.train import fit, load_checkpoint, load_model, save_checkpoint, seed_everything
+from kdutils.checkpoints import load_checkpoint, save_checkpoint
+from kdutils.train import fit, load_model, seed_everything
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,12 +133,12 @@ def test_manifest_records_the_data_it_ran_on(tmp_path):
     data, run_dir = load_dataset(path), tmp_path / "run"
     (run_dir / "teacher.pt").parent.mkdir(parents=True)
     (run_dir / "teacher.pt").write_bytes(b"w")
-    config = pipeline.resolve_config("quick", dataset=str(path))
-    manifest = json.loads(pipeline.write_manifest(run_dir, "01_train_teacher", config,
-                                                  {"teacher": run_dir / "teacher.pt"}, data=data).read_text())
-    assert manifest["data"] == {"name": "d", "source": pipeline.shown_path(path), "fingerprint": fingerprint(data),
+    config = presets.resolve_config("quick", dataset=str(path))
+    manifest = json.loads(rundir.write_manifest(run_dir, "01_train_teacher", config,
+                                                {"teacher": run_dir / "teacher.pt"}, data=data).read_text())
+    assert manifest["data"] == {"name": "d", "source": rundir.shown_path(path), "fingerprint": fingerprint(data),
                                 "num_train": 40, "num_test": 8, "num_classes": 4, "image_size": 8}
-    assert "data" not in json.loads(pipeline.write_manifest(run_dir, "x", config, {}).read_text())
+    assert "data" not in json.loads(rundir.write_manifest(run_dir, "x", config, {}).read_text())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,13 +147,13 @@ def test_manifest_records_the_data_it_ran_on(tmp_path):
 def test_image_size_comes_from_the_data(tmp_path):
     small = write_npz(tmp_path / "s.npz", size=24)
     assert peek_npz(small) == {"image_size": 24, "num_classes": 4}
-    assert pipeline.resolve_config("cifar10", dataset=str(small))["image_size"] == 24      # not the preset's 32
-    assert pipeline.resolve_config("quick", dataset=str(small), image_size=24)["image_size"] == 24
+    assert presets.resolve_config("cifar10", dataset=str(small))["image_size"] == 24      # not the preset's 32
+    assert presets.resolve_config("quick", dataset=str(small), image_size=24)["image_size"] == 24
     with pytest.raises(ValueError, match=r"image_size 48 does not match the data: digits has 16x16 images"):
-        pipeline.resolve_config("quick", image_size=48)                                     # every model ran at 16
+        presets.resolve_config("quick", image_size=48)                                     # every model ran at 16
     with pytest.raises(ValueError, match=r"image_size 32 does not match the data: .*s\.npz has 24x24 images"):
-        pipeline.resolve_config("cifar10", dataset=str(small), image_size=32)
-    assert pipeline.resolve_config("cifar10", dataset="Tiny-ImageNet")["image_size"] == 64
+        presets.resolve_config("cifar10", dataset=str(small), image_size=32)
+    assert presets.resolve_config("cifar10", dataset="Tiny-ImageNet")["image_size"] == 64
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -160,12 +161,12 @@ def test_image_size_comes_from_the_data(tmp_path):
 
 def test_kq_per_class_keys_on_what_the_data_is(tmp_path):
     tiny_like = write_npz(tmp_path / "tiny.npz", n=400, classes=200, size=64)   # Tiny ImageNet's shape as a file
-    config = pipeline.resolve_config("tinyimagenet", dataset=str(tiny_like))
+    config = presets.resolve_config("tinyimagenet", dataset=str(tiny_like))
     assert (config["kq_per_class"], config["image_size"]) == (50, 64)
     cifar_like = write_npz(tmp_path / "c.npz", n=40, classes=10, size=32)
-    config = pipeline.resolve_config("tinyimagenet", dataset=str(cifar_like))
+    config = presets.resolve_config("tinyimagenet", dataset=str(cifar_like))
     assert (config["kq_per_class"], config["image_size"]) == (500, 32)
-    assert pipeline.resolve_config("tinyimagenet", dataset=str(tiny_like), pair="vitb-vitet")["kq_per_class"] == 500
+    assert presets.resolve_config("tinyimagenet", dataset=str(tiny_like), pair="vitb-vitet")["kq_per_class"] == 500
     assert kq.kq_per_class("x", "resnet34", num_classes=200, image_size=64) == 50      # distill's call
     assert kq.kq_per_class("x", "resnet34", num_classes=200, image_size=32) == 500
 

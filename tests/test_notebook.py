@@ -8,9 +8,9 @@ import nbformat
 import pytest
 import torch
 
-from kdutils import notebook, pipeline
-from kdutils.notebook import (ensure_inputs, missing_inputs, on_colab, repository_url, resolve_run_dir, setup,
-                              sync_urls)
+from kdutils import notebook, pipeline, presets, rundir, runtime
+from kdutils.notebook import ensure_inputs, missing_inputs, repository_url, resolve_run_dir, setup, sync_urls
+from kdutils.presets import on_colab
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -34,19 +34,19 @@ def test_on_colab_detects_the_module_and_obeys_the_override(fake_colab, monkeypa
 
 def test_auto_preset_is_colab_on_colab(fake_colab, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert pipeline.preset_name("auto") == "colab"
-    assert pipeline.preset_name("auto", colab=False) == "cifar10"
-    assert pipeline.preset_name("cifar10") == "cifar10"          # an explicit paper preset stays one parameter away
-    assert pipeline.resolve_config("auto")["preset"] == "colab"
+    assert presets.preset_name("auto") == "colab"
+    assert presets.preset_name("auto", colab=False) == "cifar10"
+    assert presets.preset_name("cifar10") == "cifar10"          # an explicit paper preset stays one parameter away
+    assert presets.resolve_config("auto")["preset"] == "colab"
 
 
 def test_setup_returns_what_every_notebook_computed(tmp_path, capsys):
     namespace = {"preset": "quick", "run_dir": str(tmp_path / "run"), "data_root": None, "seeds": [3, 4],
                  "student_epochs": None, "progress": True}
     config, run_dir, data_root, device, seed = setup(namespace, "01_train_teacher.ipynb", colab=False)
-    assert config == pipeline.resolve_config("quick", seeds=[3, 4])
+    assert config == presets.resolve_config("quick", seeds=[3, 4])
     assert run_dir == tmp_path / "run" and run_dir.is_dir()
-    assert data_root == pipeline.default_data_root() and device == torch.device("cpu") and seed == 3
+    assert data_root == rundir.default_data_root() and device == torch.device("cpu") and seed == 3
     assert capsys.readouterr().out.strip().startswith("preset quick | device cpu | run_dir ")
 
 
@@ -79,7 +79,7 @@ def test_on_colab_missing_inputs_run_the_earlier_notebooks_headless(fake_colab, 
                                                                               "kq_layers.json"]))
     namespace = {"preset": "quick", "run_dir": str(tmp_path), "student_epochs": 2, "data_root": str(tmp_path / "d")}
     config, run_dir, *_ = setup(namespace, "04_distill_without_ce.ipynb")      # detected: google.colab imported
-    assert calls == [{"run_dir": tmp_path, "preset": "quick", "notebooks_dir": pipeline.NOTEBOOKS_DIR,
+    assert calls == [{"run_dir": tmp_path, "preset": "quick", "notebooks_dir": rundir.NOTEBOOKS_DIR,
                       "params": {"student_epochs": 2, "data_root": str(tmp_path / "d")},
                       "notebooks": ["01_train_teacher.ipynb", "02_probe_layer_geometry.ipynb",
                                     "03_compute_kq.ipynb"]}]
@@ -94,17 +94,17 @@ def test_on_colab_missing_inputs_run_the_earlier_notebooks_headless(fake_colab, 
 def test_producing_inputs_that_still_fail_raises(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "run_pipeline", _recording_pipeline([], []))
     with pytest.raises(FileNotFoundError, match="results.json"):
-        ensure_inputs(tmp_path, "02_probe_layer_geometry.ipynb", pipeline.resolve_config("quick"), produce=True)
+        ensure_inputs(tmp_path, "02_probe_layer_geometry.ipynb", presets.resolve_config("quick"), produce=True)
 
 
 def test_colab_without_the_notebooks_fetches_them(tmp_path, monkeypatch):
     calls, fetched = [], []
     monkeypatch.setattr(pipeline, "run_pipeline", _recording_pipeline(calls, ["teacher.pt"]))
-    monkeypatch.setattr(pipeline, "NOTEBOOKS_DIR", tmp_path / "nowhere")
-    monkeypatch.setattr(pipeline, "_project_base", lambda: tmp_path)
+    monkeypatch.setattr(rundir, "NOTEBOOKS_DIR", tmp_path / "nowhere")
+    monkeypatch.setattr(rundir, "project_base", lambda: tmp_path)
     monkeypatch.setattr(notebook.urllib.request, "urlretrieve",
                         lambda url, dest: (fetched.append(url), Path(dest).write_text("{}")))
-    ensure_inputs(tmp_path / "run", "02_probe_layer_geometry.ipynb", pipeline.resolve_config("quick"), colab=True)
+    ensure_inputs(tmp_path / "run", "02_probe_layer_geometry.ipynb", presets.resolve_config("quick"), colab=True)
     assert fetched == [f"https://raw.githubusercontent.com/{repository_url().split('github.com/')[1]}/main/"
                        "notebooks/01_train_teacher.ipynb"]
     assert calls[0]["notebooks_dir"] == tmp_path / "kd-without-ce-notebooks"
@@ -116,7 +116,7 @@ def test_drive_run_dir(fake_colab, tmp_path):
     mounted = []
     assert resolve_run_dir("drive:/x", "colab", colab=True, mount=mounted.append) == \
         Path("/content/drive/MyDrive/x") and mounted == ["/content/drive"]
-    assert resolve_run_dir(None, "quick") == pipeline.default_run_dir("quick")
+    assert resolve_run_dir(None, "quick") == rundir.default_run_dir("quick")
     assert resolve_run_dir(tmp_path, "quick") == tmp_path
     with pytest.raises(ValueError, match="only Colab"):
         resolve_run_dir("drive:x", "quick", colab=False)
@@ -195,12 +195,12 @@ def test_notebooks_1_to_3_use_setup_and_end_with_try_next():
 
 
 def test_runtime_estimate_is_labelled_and_plausible():
-    text = pipeline.runtime_estimate_text(pipeline.resolve_config("colab"))
+    text = runtime.runtime_estimate_text(presets.resolve_config("colab"))
     assert "estimate, NOT measured" in text and "ASSUMED_TRAIN_FLOPS" in text
-    colab = pipeline.estimate_runtime(pipeline.resolve_config("colab"), "t4")
-    paper = pipeline.estimate_runtime(pipeline.resolve_config("cifar10"), "t4")
+    colab = runtime.estimate_runtime(presets.resolve_config("colab"), "t4")
+    paper = runtime.estimate_runtime(presets.resolve_config("cifar10"), "t4")
     assert 10 * 60 < colab["total"] <= 30 * 60                      # the colab budget: about 30 minutes on a T4
     assert paper["total"] > 4 * 3600                                 # the paper run does not fit a free session
-    assert pipeline.forward_flops("resnet34") == pytest.approx(2.32e9, rel=0.02)  # 1.16 G multiply-adds at 32x32
+    assert runtime.forward_flops("resnet34") == pytest.approx(2.32e9, rel=0.02)  # 1.16 G multiply-adds at 32x32
     with pytest.raises(ValueError, match="unknown device"):
-        pipeline.estimate_runtime(pipeline.resolve_config("colab"), "tpu")
+        runtime.estimate_runtime(presets.resolve_config("colab"), "tpu")

@@ -1,4 +1,5 @@
-"""Tests of kdutils.pipeline: presets, artifacts and manifests, result tables, the papermill runner and its CLI."""
+"""Tests of the series' settings (kdutils.presets), run-directory artifacts and manifests (kdutils.rundir), result
+tables (kdutils.results), and the papermill runner and its CLI (kdutils.pipeline)."""
 import hashlib
 import json
 import subprocess
@@ -10,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from kdutils import pipeline
-from kdutils.pipeline import (NotebookFailed, PRESETS, config_overrides, current_kernel_name, git_commit, main,
-                              parse_value, require_artifact, resolve_config, results_markdown, run_pipeline,
-                              summarize_runs, write_json_atomic, write_manifest)
+from kdutils import models, pipeline, presets, rundir
+from kdutils.distill import METHODS, REGISTRY
+from kdutils.pipeline import NotebookFailed, current_kernel_name, main, parse_value, run_pipeline
+from kdutils.presets import PRESETS, config_overrides, resolve_config
+from kdutils.results import difference, results_markdown, summarize_runs, verdicts
+from kdutils.rundir import git_commit, require_artifact, write_json_atomic, write_manifest
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -21,14 +24,14 @@ from kdutils.pipeline import (NotebookFailed, PRESETS, config_overrides, current
 
 def test_every_preset_resolves_to_the_same_keys():
     from kdutils.models import MODELS
-    assert set(pipeline.PEAK_LR) == set(MODELS)  # every model has a peak LR, every LR a model
-    keys = {"preset", *pipeline.PARAMETERS}
+    assert set(models.PEAK_LR) == set(MODELS)  # every model has a peak LR, every LR a model
+    keys = {"preset", *presets.PARAMETERS}
     for name in PRESETS:
         config = resolve_config(name)
         assert set(config) == keys, name
         assert config["preset"] == name
-        assert config["teacher_lr"] == pipeline.PEAK_LR[config["teacher"]]
-        assert config["student_lr"] == pipeline.PEAK_LR[config["student"]]
+        assert config["teacher_lr"] == models.PEAK_LR[config["teacher"]]
+        assert config["student_lr"] == models.PEAK_LR[config["student"]]
 
 
 def test_preset_values():
@@ -289,7 +292,7 @@ def test_cli_arguments():
 def test_list_presets(capsys):
     assert main(["--list-presets"]) == 0
     out = capsys.readouterr().out
-    for word in [*PRESETS, *pipeline.PAIRS, *pipeline.METHODS, *pipeline.PARAMETERS]:
+    for word in [*PRESETS, *presets.PAIRS, *METHODS, *presets.PARAMETERS]:
         assert word in out
     assert "seeds=[0,1,2]" in out and "teacher_epochs=50" in out
 
@@ -423,12 +426,12 @@ def _results(rows, teacher_acc=0.9):
 def test_differences_and_verdicts_state_both_effects_with_their_spread():
     results = _results({"ce": [0.50, 0.52], "feature_kd": [0.60, 0.62], "standard_layers": [0.55, 0.58],
                         "fitnets_kd_nokl": [0.56, 0.57], "feature_kd_ce": [0.40, 0.41]})
-    d = pipeline.difference(results, "feature_kd", "ce")
+    d = difference(results, "feature_kd", "ce")
     assert d["points"] == pytest.approx(10.0) and d["spread"] == pytest.approx(100 * 0.02 / 2 ** 0.5)
     assert d["verdict"] == "above ce by more than the seed spread"
-    assert pipeline.difference(results, "standard_layers", "fitnets_kd_nokl")["verdict"] == "within the seed spread"
-    assert pipeline.difference(results, "feature_kd_ce", "ce")["verdict"] == "below ce by more than the seed spread"
-    lines = pipeline.verdicts(results)
+    assert difference(results, "standard_layers", "fitnets_kd_nokl")["verdict"] == "within the seed spread"
+    assert difference(results, "feature_kd_ce", "ce")["verdict"] == "below ce by more than the seed spread"
+    lines = verdicts(results)
     assert lines[0].startswith("Teacher t: 90.00%. Ranking by final-epoch accuracy (2 seeds): feature_kd 61.00%")
     assert any(line.startswith("Effect of layer choice") and "feature_kd - standard_layers = +4.50 points" in line
                for line in lines)
@@ -436,7 +439,7 @@ def test_differences_and_verdicts_state_both_effects_with_their_spread():
                for line in lines)
     assert not any("not better than" in line for line in lines)
     one = _results({"ce": [0.9], "feature_kd": [0.8]}, teacher_acc=0.85)
-    lines = pipeline.verdicts(one)
+    lines = verdicts(one)
     assert "(1 seed)" in lines[0] and any("one seed: no spread" in line for line in lines)
     assert any("is not better than the ce student" in line for line in lines)
     assert "± 0.00" not in results_markdown(one)
@@ -445,10 +448,10 @@ def test_differences_and_verdicts_state_both_effects_with_their_spread():
 def test_long_schedule_recipe():
     config = resolve_config("cifar10", schedule="long")
     assert (config["student_epochs"], config["student_lr"]) == (240, 0.05)
-    assert pipeline.student_recipe(config) == {"epochs": 240, "lr": 0.05, "schedule": "long", "weight_decay": 5e-4}
+    assert presets.student_recipe(config) == {"epochs": 240, "lr": 0.05, "schedule": "long", "weight_decay": 5e-4}
     assert resolve_config("cifar10", pair="vgg19-vgg11", schedule="long")["student_lr"] == 0.01
     assert resolve_config("cifar10", schedule="long", student_epochs=30)["student_epochs"] == 30
-    assert pipeline.student_recipe(resolve_config("quick"))["weight_decay"] == 0.01
+    assert presets.student_recipe(resolve_config("quick"))["weight_decay"] == 0.01
     with pytest.raises(ValueError, match="unknown schedule 'cosine'"):
         resolve_config("quick", schedule="cosine")
 
@@ -462,7 +465,7 @@ def _row(epoch, acc, cos=None, mse=(0.5, 0.4)):
 
 
 def test_training_curves_and_conflict_summary():
-    from kdutils.pipeline import conflict_summary
+    from kdutils.results import conflict_summary
     runs = {"feature_kd": [[_row(1, 0.5, mse=(0.3, 0.2)), _row(2, 0.6, mse=(0.2, 0.1))],
                            [_row(1, 0.5, mse=(0.5, 0.4)), _row(2, 0.6, mse=(0.4, 0.3))]],
             "feature_kd_ce": [[_row(1, 0.5, 0.2), _row(2, 0.7, -0.1)], [_row(1, 0.5, 0.4), _row(2, 0.7, 0.3)]],
@@ -486,16 +489,16 @@ def test_shown_paths_have_no_machine_prefix(tmp_path, monkeypatch):
     project = tmp_path / "course" / "main"
     (project / "runs").mkdir(parents=True)
     (project / "pyproject.toml").write_text("")
-    monkeypatch.setattr(pipeline, "REPO_ROOT", project)
+    monkeypatch.setattr(rundir, "REPO_ROOT", project)
     shared = tmp_path / "course" / "shared" / "data" / "cifar10-subset.npz"
-    assert pipeline.shown_path(project / "runs" / "x") == "runs/x"
-    assert pipeline.shown_path(shared) == "../shared/data/cifar10-subset.npz"
+    assert rundir.shown_path(project / "runs" / "x") == "runs/x"
+    assert rundir.shown_path(shared) == "../shared/data/cifar10-subset.npz"
     config = {"dataset": str(shared), "data_root": str(project / "data"), "seeds": [0]}
-    shown = pipeline.shown_config(config)
+    shown = rundir.shown_config(config)
     assert shown == {"dataset": "../shared/data/cifar10-subset.npz", "data_root": "data", "seeds": [0]}
     assert config["dataset"] == str(shared)                     # the config itself is left alone
-    assert pipeline.shown_config({"dataset": "cifar10"})["dataset"] == "cifar10"   # a name is not a path
-    assert str(tmp_path) not in pipeline.config_frame(config).to_string()
+    assert rundir.shown_config({"dataset": "cifar10"})["dataset"] == "cifar10"   # a name is not a path
+    assert str(tmp_path) not in presets.config_frame(config).to_string()
 
 
 def test_dataset_paths_keep_symlinked_folders(tmp_path, monkeypatch):
@@ -507,17 +510,17 @@ def test_dataset_paths_keep_symlinked_folders(tmp_path, monkeypatch):
     elsewhere.mkdir(parents=True)
     (elsewhere / "x.npz").write_bytes(b"")
     (tmp_path / "course" / "shared").symlink_to(tmp_path / "elsewhere")
-    monkeypatch.setattr(pipeline, "REPO_ROOT", project)
+    monkeypatch.setattr(rundir, "REPO_ROOT", project)
     monkeypatch.chdir(project)
     params = pipeline.absolute_paths({"dataset": "../shared/data/x.npz"})
     assert Path(params["dataset"]).is_absolute() and Path(params["dataset"]).is_file()
-    assert pipeline.shown_path(params["dataset"]) == "../shared/data/x.npz"
+    assert rundir.shown_path(params["dataset"]) == "../shared/data/x.npz"
 
 
 def test_monitored_methods():
     config = resolve_config("quick")
-    assert [m for m in pipeline.METHODS if pipeline.monitored(config, m)] == \
-        [m for m in pipeline.METHODS if pipeline.REGISTRY[m].feature == "mse"]
-    assert pipeline.monitored(config, "feature_kd_ce") and not pipeline.monitored(config, "hinton_kd")
-    assert not pipeline.monitored(config, "simkd") and not pipeline.monitored(config, "sp_kd")
-    assert not pipeline.monitored({**config, "monitor": False}, "feature_kd_ce")
+    assert [m for m in METHODS if presets.monitored(config, m)] == \
+        [m for m in METHODS if REGISTRY[m].feature == "mse"]
+    assert presets.monitored(config, "feature_kd_ce") and not presets.monitored(config, "hinton_kd")
+    assert not presets.monitored(config, "simkd") and not presets.monitored(config, "sp_kd")
+    assert not presets.monitored({**config, "monitor": False}, "feature_kd_ce")

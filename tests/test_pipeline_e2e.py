@@ -7,10 +7,12 @@ import torch
 from kdutils import report
 from kdutils.layers import generalized_layer_count, layer_table
 from kdutils.models import build_model
-from kdutils.pipeline import NOTEBOOKS, VALIDATION_NOTEBOOK, resolve_config, run_pipeline
+from kdutils.pipeline import run_pipeline
+from kdutils.presets import resolve_config
+from kdutils.rundir import NOTEBOOKS, VALIDATION_NOTEBOOK
 
 SERIES = (*NOTEBOOKS, VALIDATION_NOTEBOOK)
-from kdutils.train import load_checkpoint
+from kdutils.checkpoints import load_checkpoint
 
 RESULT_KEYS = {"final_acc_mean", "final_acc_std", "best_acc_mean", "best_acc_std", "seeds", "seconds"}
 

@@ -1,5 +1,5 @@
-"""Tests of the paper-style result figures (kdutils.plots) and the report command (kdutils.report), on a small
-synthetic results dict built by kdutils.pipeline.summarize_runs; the expected numbers are worked out by hand."""
+"""Tests of the paper-style result figures (kdutils.result_plots) and the report command (kdutils.report), on a small
+synthetic results dict built by kdutils.results.summarize_runs; the expected numbers are worked out by hand."""
 import copy
 import json
 from pathlib import Path
@@ -10,9 +10,9 @@ from matplotlib.container import ErrorbarContainer
 from matplotlib.text import Text
 
 from kdutils import report
-from kdutils.pipeline import summarize_runs
-from kdutils.plots import (average_relative_improvement, plot_accuracy_curves, plot_result_grid,
-                           plot_result_panel)
+from kdutils.results import summarize_runs
+from kdutils.result_plots import (average_relative_improvement, plot_accuracy_curves, plot_result_grid,
+                                  plot_result_panel)
 
 # test accuracy per epoch, one list per seed (3 epochs). Final-epoch means and gains over ce (0.50), in points:
 # feature_kd .52 (+2.0), hinton_kd .51 (+1.0), fitnets_kd .54 (+4.0, std 5.66 -> bar clipped at 2), sp_kd .498
@@ -214,7 +214,7 @@ def _monitored() -> dict:
 
 
 def test_gradient_conflict_and_feature_distance_plots():
-    from kdutils.plots import plot_feature_distance, plot_gradient_conflict
+    from kdutils.result_plots import plot_feature_distance, plot_gradient_conflict
     res = _monitored()
     fig = plot_gradient_conflict(res)
     ax = fig.axes[0]
@@ -233,7 +233,7 @@ def test_gradient_conflict_and_feature_distance_plots():
 
 def test_value_vs_score_and_rank_correlation_plots():
     import pandas as pd
-    from kdutils.plots import plot_rank_correlations, plot_value_vs_score
+    from kdutils.result_plots import plot_rank_correlations, plot_value_vs_score
     values = pd.DataFrame({"value": [0.3, 0.6, 0.5], "value_std": [0.01, np.nan, 0.02]}, index=[0, 1, 2])
     scores = pd.DataFrame({"quality": [0.1, 0.5, 0.9]}, index=[0, 1, 2])
     fig = plot_value_vs_score(values, scores, "quality", selected=[1, 2])

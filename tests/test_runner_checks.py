@@ -20,7 +20,7 @@ import papermill
 import pytest
 import torch
 
-from kdutils import pipeline, validation
+from kdutils import pipeline, presets, rundir, runtime, validation
 from kdutils.notebook import setup
 
 KERNEL = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -88,7 +88,7 @@ def test_a_second_run_into_a_locked_run_dir_is_refused_naming_the_holder(tmp_pat
                                            r"2026-01-02T03:04:05") as err:
         pipeline.run_pipeline(tmp_path / "run", "quick", notebooks_dir=tmp_path, notebooks=["a.ipynb"],
                               progress=False)
-    assert isinstance(err.value, pipeline.RunDirBusy) and str(lock) in str(err.value)
+    assert isinstance(err.value, rundir.RunDirBusy) and str(lock) in str(err.value)
     assert executed == [] and json.loads(lock.read_text())["pid"] == sleeper   # the holder's lock is untouched
 
 
@@ -122,7 +122,7 @@ def test_ctrl_c_releases_the_lock(tmp_path, monkeypatch):
 
 def test_a_lock_held_by_an_ancestor_is_reentered_and_kept(tmp_path):
     lock = _write_lock(tmp_path, os.getppid())       # e.g. the pipeline whose notebook runs earlier notebooks
-    with pipeline.run_lock(tmp_path):
+    with rundir.run_lock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getppid()
     assert lock.is_file()                            # the ancestor's lock, not ours to remove
 
@@ -130,17 +130,18 @@ def test_a_lock_held_by_an_ancestor_is_reentered_and_kept(tmp_path):
 def test_the_sweep_locks_each_combination_and_its_teacher_task_does_not(tmp_path, sleeper, monkeypatch):
     ray = pytest.importorskip("ray")
     from kdutils import sweep as sw
+    from kdutils.sweep_tasks import combination_dir, prepare_combination
     monkeypatch.setattr(ray, "init", lambda **kw: pytest.fail("Ray started although a folder is locked"))
     root = tmp_path / "root"
-    _write_lock(sw.combination_dir(root, "digits", "resnet18_narrow-resnet10_narrow"), sleeper)
+    _write_lock(combination_dir(root, "digits", "resnet18_narrow-resnet10_narrow"), sleeper)
     with pytest.raises(RuntimeError, match=rf"sweep folder .*resnet10_narrow is in use by another run: "
                                            rf"process {sleeper}") as err:
         sw.run_sweep(root, "quick", ["digits"], ["resnet18_narrow-resnet10_narrow"], [0], progress=False)
-    assert isinstance(err.value, pipeline.RunDirBusy)
+    assert isinstance(err.value, rundir.RunDirBusy)
     assert not (root / "run.lock").exists()          # the root's lock, taken first, was released again
     calls = []
     monkeypatch.setattr(pipeline, "run_pipeline", lambda *a, **kw: calls.append(kw))
-    sw.prepare_combination(str(tmp_path / "combo"), "quick", {}, 1)
+    prepare_combination(str(tmp_path / "combo"), "quick", {}, 1)
     assert calls[0]["lock"] is False                 # the sweep's driver holds the combination's lock
 
 
@@ -206,15 +207,15 @@ def test_notebooks_may_be_named_without_ipynb(tmp_path, executed, capsys):
 
 @pytest.mark.parametrize("preset", ["cifar10", "cifar100", "tinyimagenet", "cifar10-cpu", "colab"])
 def test_one_seed_is_accepted_by_every_preset(preset):
-    config = pipeline.resolve_config(preset, seeds=[0])
+    config = presets.resolve_config(preset, seeds=[0])
     assert config["seeds"] == [0] and config["validation_seeds"] == 1
 
 
 def test_too_many_validation_seeds_name_the_fix():
     with pytest.raises(ValueError, match=r"validation_seeds=2 but seeds has 1.*-p validation_seeds 1 .*or more "
                                          r"seeds, e.g. -p seeds \[0,1\]"):
-        pipeline.resolve_config("quick", seeds=[0], validation_seeds=2)
-    assert pipeline.resolve_config("cifar10-cpu", seeds=[4, 5], validation_seeds=2)["validation_seeds"] == 2
+        presets.resolve_config("quick", seeds=[0], validation_seeds=2)
+    assert presets.resolve_config("cifar10-cpu", seeds=[4, 5], validation_seeds=2)["validation_seeds"] == 2
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -288,7 +289,7 @@ def test_a_teacher_without_its_imagenet_weights_is_reported_and_recorded(tmp_pat
     config, *_ = setup({"preset": "cifar10", "run_dir": str(tmp_path / "nb")}, "01_train_teacher.ipynb",
                        colab=False)
     assert config["pretrained"] is False and config["pretrained_requested"] is True
-    assert pipeline.config_frame(config).loc["pretrained", "value"] == "False"
+    assert presets.config_frame(config).loc["pretrained", "value"] == "False"
     assert "resnet34 is trained from scratch instead" in capsys.readouterr().out
     _notebook(tmp_path / "01_train_teacher.ipynb")
     pipeline.run_pipeline(tmp_path / "run", "cifar10", notebooks_dir=tmp_path, notebooks=["01_train_teacher"],
@@ -300,9 +301,9 @@ def test_the_runtime_estimate_reads_the_npz_sizes(tmp_path):
     x = np.zeros((100, 32, 32, 3), np.uint8)
     path = tmp_path / "small.npz"
     np.savez(path, x_train=x, y_train=np.arange(100) % 10, x_test=x[:20], y_test=np.arange(20) % 10)
-    config = pipeline.resolve_config("colab", dataset=str(path))
-    est = pipeline.estimate_runtime(config, "t4")
-    f_t = pipeline.forward_flops(config["teacher"], 10, config["image_size"])
+    config = presets.resolve_config("colab", dataset=str(path))
+    est = runtime.estimate_runtime(config, "t4")
+    f_t = runtime.forward_flops(config["teacher"], 10, config["image_size"])
     assert est["teacher"] == pytest.approx(config["teacher_epochs"] * (3 * 100 + 20) * f_t / 6e12)
     assert est["kq"] == pytest.approx((config["kq_samples"] + 20) * f_t / 6e12)
 
@@ -397,7 +398,7 @@ def test_the_divergence_hint_suggests_the_presets_learning_rate(tmp_path):
 
 
 def test_a_refused_pickle_says_delete_and_retrain_not_weights_only_false(tmp_path):
-    from kdutils.train import load_checkpoint
+    from kdutils.checkpoints import load_checkpoint
     path = tmp_path / "foreign.pt"
     torch.save({"model": {}, "args": argparse.Namespace(lr=1)}, path)
     with pytest.raises(RuntimeError) as err:

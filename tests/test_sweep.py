@@ -16,7 +16,9 @@ ray = pytest.importorskip("ray")
 
 from kdutils import sweep as sw  # noqa: E402
 from kdutils.pipeline import run_pipeline  # noqa: E402
-from kdutils.train import load_checkpoint  # noqa: E402
+from kdutils.sweep_tasks import (TEACHER_ARTIFACTS, checkpoint_finished, combination_dir,  # noqa: E402
+                                 student_checkpoint)
+from kdutils.checkpoints import load_checkpoint  # noqa: E402
 
 PAIR = "resnet18_narrow-resnet10_narrow"
 METHODS = ["ce", "feature_kd"]
@@ -42,7 +44,7 @@ def ray_session():
 
 def _finished(run_dir):
     """(method, seed) -> whether its student checkpoint has all epochs."""
-    return {(m, s): sw.checkpoint_finished(sw.student_checkpoint(run_dir, m, s), PARAMS["student_epochs"])
+    return {(m, s): checkpoint_finished(student_checkpoint(run_dir, m, s), PARAMS["student_epochs"])
             for m, s in RUNS}
 
 
@@ -50,7 +52,7 @@ def _finished(run_dir):
 def swept(tmp_path_factory, ray_session):
     """Sweep killed after its first finished student run, then resumed; plus notebook 5's sequential reference."""
     base = tmp_path_factory.mktemp("sweep")
-    root, run_dir = base / "root", sw.combination_dir(base / "root", "digits", PAIR)
+    root, run_dir = base / "root", combination_dir(base / "root", "digits", PAIR)
     cli = [sys.executable, "-m", "kdutils.sweep", "--preset", "quick", "--root", str(root), "--seeds",
            *map(str, SEEDS), "--methods", *METHODS, "--address", ray_session, "--no-figures",
            *[a for k, v in PARAMS.items() for a in ("-p", k, str(v))]]
@@ -70,14 +72,14 @@ def swept(tmp_path_factory, ray_session):
         f"the kill came too early or too late: {at_kill}\n{log.read_text()[-3000:]}"
     time.sleep(3)              # let Ray stop the killed driver's tasks
     at_kill = _finished(run_dir)
-    stamps = {r: sw.student_checkpoint(run_dir, *r).stat().st_mtime_ns for r, ok in at_kill.items() if ok}
+    stamps = {r: student_checkpoint(run_dir, *r).stat().st_mtime_ns for r, ok in at_kill.items() if ok}
     teacher_stamp = (run_dir / "executed" / "01_train_teacher.ipynb").stat().st_mtime_ns
 
     resumed = sw.run_sweep(root, "quick", ["digits"], [PAIR], SEEDS, {**PARAMS, "methods": METHODS})
 
     reference_dir = base / "sequential"
     reference_dir.mkdir()
-    for name in sw.TEACHER_ARTIFACTS:
+    for name in TEACHER_ARTIFACTS:
         shutil.copy(run_dir / name, reference_dir / name)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")      # the kernel's torch then runs one thread, as each sweep task does
@@ -127,17 +129,17 @@ def test_resume_after_kill(swept):
     for run, finished in swept["at_kill"].items():
         if finished:
             assert status[run] == "reused", run
-            assert sw.student_checkpoint(run_dir, *run).stat().st_mtime_ns == swept["stamps"][run], run
+            assert student_checkpoint(run_dir, *run).stat().st_mtime_ns == swept["stamps"][run], run
         else:
             assert status[run] in ("trained", "resumed"), (run, status[run])
-    assert all(load_checkpoint(sw.student_checkpoint(run_dir, *r))["epoch"] == PARAMS["student_epochs"] for r in RUNS)
+    assert all(load_checkpoint(student_checkpoint(run_dir, *r))["epoch"] == PARAMS["student_epochs"] for r in RUNS)
 
 
 def test_failing_task_is_reported_and_the_others_finish(swept):
     """An unreadable checkpoint fails its task, named by combination, method and seed; a deleted one retrains."""
     root, run_dir = swept["root"], swept["run_dir"]
-    sw.student_checkpoint(run_dir, "feature_kd", 1).write_bytes(b"not a checkpoint")
-    sw.student_checkpoint(run_dir, "ce", 0).unlink()
+    student_checkpoint(run_dir, "feature_kd", 1).write_bytes(b"not a checkpoint")
+    student_checkpoint(run_dir, "ce", 0).unlink()
     argv = ["--preset", "quick", "--root", str(root), "--seeds", *map(str, SEEDS), "--methods", *METHODS,
             "--no-figures", "--no-progress", *[a for k, v in PARAMS.items() for a in ("-p", k, str(v))]]
     assert sw.main(argv) == 1

@@ -213,4 +213,4 @@ def test_notebook_4_has_the_from_scratch_cell_the_diagram_and_ends_with_try_next
     assert last.source.count("<details>") == last.source.count("</details>")
     tags = [c.metadata.get("tags", []) for c in nb.cells]
     assert sum("parameters" in t for t in tags) == 1
-    assert "data = pipeline.series_data(config, data_root)" in "\n".join(code)
+    assert "data = rundir.series_data(config, data_root)" in "\n".join(code)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from kdutils.data import load_dataset
 from kdutils.models import build_model
-from kdutils.train import (evaluate, fit, load_checkpoint, save_checkpoint, seed_everything, state_fingerprint)
+from kdutils.checkpoints import load_checkpoint, save_checkpoint
+from kdutils.train import evaluate, fit, seed_everything, state_fingerprint
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdutils import pipeline, validation
+from kdutils import presets, rundir, validation
 from kdutils.data import load_dataset, split_validation
 from kdutils.models import build_model
 from kdutils.train import seed_everything
@@ -43,15 +43,15 @@ def test_split_validation_is_class_balanced_disjoint_and_seeded(digits):
 
 
 def test_series_data_holds_out_the_validation_split(digits):
-    config = pipeline.resolve_config("quick")
-    train, val = pipeline.series_data(config, validation=True)
+    config = presets.resolve_config("quick")
+    train, val = rundir.series_data(config, validation=True)
     assert train.num_train == digits.num_train - len(val.y_test) and config["val_fraction"] == 0.1
-    assert pipeline.series_data(config).num_train == train.num_train     # what notebooks 1-5 train on
+    assert rundir.series_data(config).num_train == train.num_train     # what notebooks 1-5 train on
     paper = {**config, "val_fraction": 0.0}
-    assert pipeline.series_data(paper).num_train == digits.num_train   # the paper's protocol: every image
-    assert len(pipeline.series_data(paper, validation=True)[1].y_test) == len(val.y_test)
+    assert rundir.series_data(paper).num_train == digits.num_train   # the paper's protocol: every image
+    assert len(rundir.series_data(paper, validation=True)[1].y_test) == len(val.y_test)
     with pytest.raises(ValueError, match=r"val_fraction must be a number in \[0, 1\)"):
-        pipeline.resolve_config("quick", val_fraction=1.5)
+        presets.resolve_config("quick", val_fraction=1.5)
 
 
 def test_spearman_and_bootstrap_interval():

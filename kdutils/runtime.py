@@ -1,0 +1,93 @@
+"""Runtime ESTIMATES (not measurements) of a whole series on a GPU, from model FLOPs and an assumed throughput.
+
+estimate_runtime counts each model's forward FLOPs per image (forward_flops) and assumes a sustained training
+throughput per device (ASSUMED_TRAIN_FLOPS, none of it measured by this project); runtime_estimate_text states the
+result and what it rests on in one paragraph. Called by notebook 1 and the pipeline's CLI (kdutils.pipeline.main)
+for the GPU presets (GPU_PRESETS), before anything trains.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kdutils.checks import dataset_facts
+from kdutils.rundir import NOTEBOOKS
+
+# Sustained training throughput ASSUMED per device (FLOP/s; forward + backward, mixed precision), for runtime
+# estimates only. None of these GPUs has been measured by this project. Basis: the vendors' peak figures (T4: 65
+# TFLOPS fp16 tensor / 8.1 fp32; A100: 312 bf16; H100 SXM: 989 bf16) and the rule of thumb that ResNet training
+# sustains roughly 10% (T4) to 20-25% (A100, H100) of the tensor peak; for the T4 this matches the often quoted
+# ~250 images/s of mixed-precision ResNet-50 training (~25 GFLOP per training image). Small 32x32 models use a GPU
+# less well, so real runs may be slower; gpu_bench.py measures the real numbers.
+ASSUMED_TRAIN_FLOPS = {"t4": 6e12, "a100": 60e12, "h100": 150e12}
+NOTEBOOK_OVERHEAD_S = 30.0   # assumed per notebook: kernel start, data loading, KQ statistics, plots
+GPU_PRESETS = ("colab", "cifar10", "cifar100", "tinyimagenet")
+
+
+def forward_flops(model: str, num_classes: int = 10, image_size: int = 32) -> float:
+    """Forward FLOPs of one image (2 x the multiply-adds of every Conv2d/Conv1d/Linear; attention products and
+    element-wise work are not counted), from one CPU forward pass with hooks."""
+    from kdutils.models import build_model
+    net = build_model(model, num_classes, image_size=image_size).eval()
+    macs = []
+
+    def count(module: torch.nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+        """Add this layer's multiply-adds."""
+        weight = module.weight
+        per_output = weight[0].numel() if isinstance(module, torch.nn.modules.conv._ConvNd) else weight.shape[1]
+        macs.append(out.numel() * per_output)
+
+    kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Linear)
+    handles = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, kinds)]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, image_size, image_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return 2.0 * sum(macs)
+
+
+def estimate_runtime(config: dict, device: str = "t4") -> dict:
+    """An ESTIMATE (not a measurement) of the series' seconds on `device` (t4, a100, h100) from model FLOPs.
+
+    Training one image costs 3x its forward FLOPs (forward + backward), an evaluation 1x; the teacher trains
+    teacher_epochs epochs, every (method, seed) student student_epochs epochs (evaluated each epoch), plus one
+    teacher pass over the training set for the cached teacher features and the KQ sample, at the throughput
+    ASSUMED_TRAIN_FLOPS[device], plus NOTEBOOK_OVERHEAD_S per notebook. Dataset downloads are not included.
+    Returns seconds for teacher, kq, students and total, with the assumptions used.
+    """
+    if device not in ASSUMED_TRAIN_FLOPS:
+        raise ValueError(f"unknown device {device!r}; choose one of: {', '.join(ASSUMED_TRAIN_FLOPS)}.")
+    facts = dataset_facts(config["dataset"])       # an .npz file's real split sizes and class count
+    n_train, n_test, classes = facts["num_train"], facts["num_test"], facts["num_classes"]
+    if config.get("per_class"):
+        n_train = sum(min(c, config["per_class"]) for c in facts["class_counts"])
+    f_t = forward_flops(config["teacher"], classes, config["image_size"])
+    f_s = forward_flops(config["student"], classes, config["image_size"])
+    rate = ASSUMED_TRAIN_FLOPS[device]
+    teacher = config["teacher_epochs"] * (3 * n_train + n_test) * f_t / rate
+    kq = (config["kq_samples"] + n_test) * f_t / rate
+    runs = len(config["methods"]) * len(config["seeds"])
+    students = (runs * config["student_epochs"] * (3 * n_train + n_test) * f_s + n_train * f_t) / rate
+    overhead = NOTEBOOK_OVERHEAD_S * len(NOTEBOOKS)
+    return {"device": device, "teacher": teacher, "kq": kq, "students": students, "overhead": overhead,
+            "total": teacher + kq + students + overhead, "student_runs": runs, "assumed_flops": rate,
+            "teacher_gflops": f_t / 1e9, "student_gflops": f_s / 1e9}
+
+
+def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", "h100")) -> str:
+    """One paragraph stating the estimated series time per device and what the estimate rests on."""
+    est = {d: estimate_runtime(config, d) for d in devices}
+    first = est[devices[0]]
+    fmt = lambda s: f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"  # noqa: E731
+    times = ", ".join(f"{d.upper()} ~{fmt(e['total'])}" for d, e in est.items())
+    return (f"Estimated time of the whole series for preset {config['preset']} (an estimate, NOT measured: no GPU "
+            f"has been measured by this project): {times}. Based on {first['teacher_gflops']:.2f} / "
+            f"{first['student_gflops']:.2f} GFLOP per forward image (teacher {config['teacher']} / student "
+            f"{config['student']}), 3x that per training image, {config['teacher_epochs']} teacher epochs, "
+            f"{first['student_runs']} student runs x {config['student_epochs']} epochs, and an assumed sustained "
+            f"throughput of " + ", ".join(f"{e['assumed_flops'] / 1e12:.0f} TFLOP/s on the {d.upper()}"
+                                          for d, e in est.items()) +
+            f" (kdutils.runtime.ASSUMED_TRAIN_FLOPS); downloads not included.")

@@ -1,0 +1,156 @@
+"""The teacher's side of distillation: its layer shapes, its forward passes and the feature/logit cache.
+
+Teacher targets (kdutils.feature_maps.Targets) and logits are computed once over the un-augmented train split and
+kept in a dict the caller may share between runs and methods (keys hold the teacher's weights' fingerprint and the
+data's content fingerprint, so sharing is safe); with augmentation on, or when the cache would exceed its memory
+budget, the teacher runs on the fly on the student's batch.
+
+Called by kdutils.distill (distill_loss sets up a run's teacher_lookup; fill_teacher_cache fills it ahead of the
+runs) and, through the lookup it returns, kdutils.monitor.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from kdutils.data import Dataset, batches
+from kdutils.data import fingerprint as data_fingerprint   # `fingerprint` names the teacher's weights' hash here
+from kdutils.feature_maps import Shape, Targets, feature_shapes
+from kdutils.layers import extract, tap
+from kdutils.train import autocast, to_input
+
+TeacherLookup = Callable[[torch.Tensor, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
+
+
+def teacher_shapes(teacher: nn.Module, layers: Sequence[int], image_size: int, device: torch.device, cache: dict,
+                   fingerprint: str) -> list[Shape]:
+    """Per-sample shapes of the teacher's layers, kept in `cache` so a cached run never runs the teacher, not even
+    to probe shapes."""
+    key = ("shapes", fingerprint, tuple(layers), image_size)
+    if key not in cache:
+        cache[key] = feature_shapes(teacher, layers, image_size, device)
+    return cache[key]
+
+
+def _teacher_forward(teacher: nn.Module, xb: torch.Tensor, layers: Sequence[int], with_logits: bool
+                     ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """The teacher's features at `layers` and (if asked) its logits, from one no-grad forward pass."""
+    with torch.no_grad():
+        if not with_logits:
+            return extract(teacher, xb, list(layers), stop_early=True), None
+        if not layers:
+            return {}, teacher(xb)
+        with tap(teacher, list(layers)) as feats:
+            logits = teacher(xb)
+            return dict(feats), logits
+
+
+def _cache_budget_mb(device: torch.device, budget_mb: float | None) -> float:
+    """The cache's size limit: the given one, else 4096 MB on the CPU and 60% of free memory on CUDA."""
+    if budget_mb is not None:
+        return float(budget_mb)
+    if device.type == "cuda":
+        return 0.6 * torch.cuda.mem_get_info(device)[0] / 2**20
+    return 4096.0
+
+
+def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_shapes: Sequence[Shape],
+                 t_shapes: Sequence[Shape], want: dict[str, tuple], store: torch.device, device: torch.device,
+                 batch_size: int, progress: bool, targets: Targets | None
+                 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    """One pass of the teacher over the un-augmented train split: fp16 targets and/or fp32 logits."""
+    n = data.num_train
+    pin = store.type == "cpu" and device.type == "cuda"
+    out: dict = {}
+    if "features" in want:
+        out["features"] = [torch.empty((n, *shape), dtype=torch.float16, device=store, pin_memory=pin)
+                           for shape in want["features"]]
+    if "logits" in want:
+        out["logits"] = torch.empty((n, data.num_classes), dtype=torch.float32, device=store, pin_memory=pin)
+    it = batches(data.x_train, data.y_train, batch_size, mean=data.mean, std=data.std, with_index=True)
+    for xb, _, idx in tqdm(it, total=-(-n // batch_size), desc="teacher cache", leave=False, disable=not progress):
+        with autocast(device):
+            feats, logits = _teacher_forward(teacher, to_input(xb, device), layers if "features" in want else [],
+                                             "logits" in want)
+        idx = idx.to(store)
+        if "features" in want:
+            computed = targets.compute([feats[i] for i in layers], s_shapes, t_shapes)
+            for buf, t in zip(out["features"], computed):
+                buf[idx] = t.to(store, torch.float16)
+        if "logits" in want:
+            out["logits"][idx] = logits.float().to(store)
+    return out
+
+
+def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, logits: bool, t_layers: Sequence[int],
+                   s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], *, fingerprint: str, augment: bool,
+                   cache: dict, cache_budget_mb: float | None, device: torch.device, batch_size: int,
+                   progress: bool) -> TeacherLookup:
+    """A function (xb, idx) -> (teacher targets, teacher logits) reading the cache, or running the teacher.
+
+    `targets` None: no features (a logits-only method); `logits`: whether the method needs the teacher's logits.
+    """
+    features = targets is not None
+    layers = list(t_layers) if features else []
+    if features and targets.each_layer_once:            # each teacher layer once, as it is
+        unique = list(dict.fromkeys(layers))
+        t_shapes = [t_shapes[layers.index(i)] for i in unique]
+        layers = unique
+    targets_shapes = [targets.shape(s, t) for s, t in zip(s_shapes, t_shapes)] if features else []
+    what = " and ".join(w for w, on in (("features", features), ("logits", logits)) if on)
+
+    def on_the_fly(reason: str) -> TeacherLookup:
+        print(f"teacher {what}: on the fly ({reason})", flush=True)
+
+        def lookup(xb: torch.Tensor, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+            feats, teacher_logits = _teacher_forward(teacher, xb, layers, logits)
+            computed = targets.compute([feats[i] for i in layers], s_shapes, t_shapes) if features else []
+            return computed, teacher_logits
+        return lookup
+
+    if augment:
+        return on_the_fly("augmentation on: the teacher sees the student's augmented batch")
+    base = (fingerprint, data.name, data_fingerprint(data))      # the teacher's weights and the data's content
+    keys = {}
+    if features:
+        keys["features"] = (*base, tuple(layers), tuple(targets_shapes), targets.name)
+    if logits:
+        keys["logits"] = (*base, "logits")
+    missing = {k: (targets_shapes if k == "features" else ()) for k, key in keys.items() if key not in cache}
+    if missing:
+        n = data.num_train
+        mb = (sum(n * 2 * torch.Size(s).numel() for s in targets_shapes) if "features" in missing else 0) / 2**20
+        mb += (n * 4 * data.num_classes if "logits" in missing else 0) / 2**20
+        budget = _cache_budget_mb(device, cache_budget_mb)
+        if mb > budget:
+            return on_the_fly(f"the cache would need {mb:.0f} MB > budget {budget:.0f} MB; raise cache_budget_mb "
+                              f"to cache it")
+        store = device
+        if device.type == "cuda" and mb > 0.6 * torch.cuda.mem_get_info(device)[0] / 2**20:
+            store = torch.device("cpu")     # pinned host memory, copied per batch
+        t0 = time.perf_counter()
+        built = _build_cache(teacher, data.to(device), layers, s_shapes, t_shapes, missing, store, device,
+                             batch_size, progress, targets)
+        seconds = time.perf_counter() - t0
+        for k, tensors in built.items():
+            size = (sum(t.numel() * t.element_size() for t in tensors) if isinstance(tensors, list)
+                    else tensors.numel() * tensors.element_size()) / 2**20
+            cache[keys[k]] = {"tensors": tensors, "device": str(store), "megabytes": size, "seconds": seconds}
+        print(f"teacher {what}: cached on {store} ({mb:.1f} MB, {seconds:.1f}s)", flush=True)
+    else:
+        entries = [cache[key] for key in keys.values()]
+        mb = sum(e["megabytes"] for e in entries)
+        print(f"teacher {what}: reusing the cache on {entries[0]['device']} ({mb:.1f} MB)", flush=True)
+    feats_cached = cache[keys["features"]]["tensors"] if features else []
+    logits_cached = cache[keys["logits"]]["tensors"] if logits else None
+
+    def lookup(xb: torch.Tensor, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        rows = idx.to(feats_cached[0].device if feats_cached else logits_cached.device)
+        cached = [f[rows].to(xb.device, non_blocking=True) for f in feats_cached]
+        teacher_logits = logits_cached[rows].to(xb.device, non_blocking=True) if logits_cached is not None else None
+        return cached, teacher_logits
+    return lookup
