@@ -1,18 +1,18 @@
 """Which number format and memory layout a device trains and infers in: one rule for CPU, CUDA and Apple MPS.
 
-`precision_for(device)` decides once; `fit`, `distill` (every method), `evaluate`/`predict`, the teacher cache and
-KQ's feature extraction all run their forward passes under `autocast(precision)` with models and batches in
-`precision.channels_last` layout. Losses, KQ's statistics (Gram, SVD, eigh) and accuracies stay in fp32: the callers
-cast to float before them. Notebooks print `describe(precision)` in their set-up line; manifests and results.json
-store `record(precision)`.
+`precision_for(device)` decides; `autocast`, `model_to` and `batch_to` apply the decision; `describe` and `record`
+say it (a set-up line; manifests and results.json). Today benchmarks/speed_bench.py and benchmarks/gpu_check.py use
+it; kdutils.train, distill and kq still run their own CUDA-only rule (train.autocast, prepare_model, to_input) until
+issue 20 moves them onto this one. Losses, KQ's statistics and accuracies are meant to stay in fp32 either way.
 
-The rule (measured on the machines named in the README):
+The rule (the CPU rows measured with benchmarks/speed_bench.py on a Sapphire Rapids; the CUDA rows are the
+rule kdutils.train already applies):
 - CUDA with native bf16 (compute capability 8.0+: A100, H100, L4, RTX 30xx/40xx): bf16 autocast, channels_last.
 - older CUDA (T4, V100): fp16 autocast with a gradient scaler, channels_last.
 - a CPU with native bf16 kernels (Intel AMX or AVX-512-BF16, e.g. Sapphire Rapids, Zen 4): bf16 autocast,
-  channels_last (about 3x fp32 for the CPU-scale models).
+  channels_last (2-3x fp32 NCHW in a training step of the course's models).
 - any other CPU: fp32, channels_last (convolutions still gain from the layout; bf16 would be emulated, slower).
-- Apple MPS: fp32, contiguous (not measured: no Mac was at hand; the README says so).
+- Apple MPS: fp32, contiguous (not measured: no Mac was at hand).
 - `amp=False`: fp32, contiguous NCHW on every device -- exactly the code path of kdutils before this rule.
 """
 from __future__ import annotations
