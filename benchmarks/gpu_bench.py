@@ -70,7 +70,8 @@ from kdutils.layers import standard_layers
 from kdutils.models import build_model
 from kdutils.models import PEAK_LR
 from kdutils.presets import PAIRS
-from kdutils.train import default_device, evaluate, fit, native_bf16, seed_everything
+from kdutils.precision import precision_for
+from kdutils.train import default_device, evaluate, fit, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.npz"
@@ -330,7 +331,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.models and not set(args.models) <= known:
         raise SystemExit(f"--models: {sorted(set(args.models) - known)} not among this mode's models {sorted(known)}")
     wanted = lambda name: args.models is None or name in args.models  # noqa: E731
-    half = "bf16" if native_bf16(device) else "fp16"
+    half = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(precision_for(device).dtype, "fp32")
     precisions = [("fp32", False)] if tiny else [(half, True), ("fp32", False)]
     compiles = [False] + ([True] if (args.compile_on_cpu if tiny else not args.no_compile) else [])
     configs = [(p, amp, c) for c in compiles for p, amp in precisions]
@@ -391,7 +392,7 @@ def run(args: argparse.Namespace) -> dict:
             "steady_epoch_seconds": "median epoch seconds over epochs 2..N",
             "eval_seconds": "kdutils.train.evaluate on the test split, timed alone after training (median of 3)",
             "first_epoch_extra_seconds": "first epoch - steady epoch (warm-up; with compile, compile_seconds)",
-            "precision": "bf16 = fit/distill amp=True (bf16 autocast on CUDA); fp32 = amp=False",
+            "precision": "bf16 = fit/distill amp=True (kdutils.precision's rule); fp32 = amp=False",
             "student runs": "distill from an untrained paper teacher; feature_kd uses the teacher's standard layers; "
                             "teacher outputs are cached before the first epoch (not timed)"},
         "entries": entries, "kq": kq, "notebooks": notebooks,

@@ -19,7 +19,7 @@ time-boxed (min(its cap, the budget left)), skipped with a reason when less of t
 and recorded as ok / error / timeout / skipped, every failure with its traceback; the check carries on past any:
 
 1. environment: python, torch, CUDA, cuDNN, the GPU's name, memory and driver, and the precision rule's choice
-   (what kdutils.train.native_bf16 / autocast choose, and kdutils.precision.precision_for where it exists).
+   (what kdutils.precision.precision_for chooses, and the dtype a matmul gets under its autocast).
 2. throughput (eager, bf16 autocast, 32 px, batch 128 and 512; benchmarks/gpu_bench.py's measurement: evaluation
    excluded): resnet9 ce and feature_kd (from a resnet34 teacher, its standard layers), the resnet34 teacher (CE),
    and kq.layer_qualities of resnet34 on 5,000 real images (probe off).
@@ -350,23 +350,14 @@ def save_npz(data: Dataset, path: Path) -> Path:
 # stage 1: the environment
 
 def precision_rule(device: torch.device) -> dict:
-    """What the precision rule chooses on this device: kdutils.train's native_bf16 / autocast (the dtype a matmul
-    gets under autocast(device)), and kdutils.precision.precision_for where that module exists."""
-    import kdutils.train as train
-    out: dict = {}
-    if hasattr(train, "native_bf16"):
-        out["train.native_bf16"] = bool(train.native_bf16(device))
-    if hasattr(train, "autocast"):
-        a = torch.ones(8, 8, device=device)
-        with train.autocast(device, True):
-            out["train.autocast_dtype"] = str((a @ a).dtype)
-    try:
-        from kdutils.precision import precision_for, record
-    except ImportError:
-        out["precision.precision_for"] = "kdutils.precision not in this version"
-    else:
-        out["precision.precision_for"] = record(precision_for(device))
-    return out
+    """What the precision rule (kdutils.precision.precision_for) chooses on this device, and the dtype a matmul
+    really gets under its autocast."""
+    from kdutils.precision import autocast, precision_for, record
+    precision = precision_for(device)
+    a = torch.ones(8, 8, device=device)
+    with autocast(precision):
+        dtype = str((a @ a).dtype)
+    return {"precision.precision_for": record(precision), "autocast_dtype": dtype}
 
 
 def nvidia_smi() -> str | None:
@@ -399,12 +390,18 @@ def stage_environment(ctx: dict, rec: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # stage 2: throughput (and the compiled variants, stage 7)
 
+def precision_text(device: torch.device) -> str:
+    """The precision rule's choice on `device` in words (kdutils.precision.describe)."""
+    from kdutils.precision import describe, precision_for
+    return describe(precision_for(device))
+
+
 def throughput_entry(ctx: dict, data: Dataset, role: str, model: str, method: str, batch: int,
                      compiled: bool) -> dict:
-    """The fields gpu_bench.measure records for one run (bf16 autocast: amp=True)."""
+    """The fields gpu_bench.measure records for one run (amp=True: the precision rule's choice)."""
     return {"role": role, "model": model, "method": method, "teacher": "resnet34" if role == "student" else None,
             "image_size": data.image_size, "num_classes": data.num_classes, "dataset": data.name,
-            "precision": "bf16 autocast" if ctx["device"].type == "cuda" else "fp32 (cpu)", "compile": compiled,
+            "precision": precision_text(ctx["device"]), "compile": compiled,
             "device": gpu_bench.device_name(ctx["device"]), "torch": torch.__version__, "batch_size": batch}
 
 

@@ -35,7 +35,8 @@ from kdutils.layers import split_at_layer, standard_layers, tap
 from kdutils.models import build_model, head_parameters
 from kdutils.monitor import MONITOR_BATCHES, measure
 from kdutils.teacher_cache import TeacherLookup, teacher_lookup, teacher_shapes
-from kdutils.train import LossFn, default_device, fit, prepare_model, seed_everything, state_fingerprint
+from kdutils.precision import model_to, precision_for
+from kdutils.train import LossFn, default_device, fit, seed_everything, state_fingerprint
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     """Hinton KD: T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), summed over classes, averaged over the batch (fp32);
     with `standardize`, both logit vectors are z-scored first (standardize_logits)."""
     t = float(temperature)
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()
     if standardize:
         student_logits, teacher_logits = standardize_logits(student_logits), standardize_logits(teacher_logits)
     log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
@@ -211,7 +213,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
             teacher_layers = saved.get("teacher_layers") or None
         student, s_layers, t_layers = _prepare_student(method, teacher, student, dataset, teacher_layers,
                                                        student_layers, teacher_name, student_name, cache, device,
-                                                       progress, seed)
+                                                       progress, seed, amp)
         meta = {"method": method, "student": student_name, "teacher": teacher_name, "student_layers": s_layers,
                 "teacher_layers": t_layers, "teacher_fingerprint": fingerprint,
                 "temperature": (spec.temperature if temperature is None else temperature) if spec.kl else None}
@@ -231,7 +233,7 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
         with distill_loss(teacher, student, dataset, method, teacher_layers=t_layers, student_layers=s_layers,
                           seed=seed, temperature=temperature, augment=augment, cache=cache,
                           cache_budget_mb=cache_budget_mb, device=device, batch_size=batch_size,
-                          progress=progress, monitor=MONITOR_BATCHES if monitor is True else int(monitor)
+                          progress=progress, monitor=MONITOR_BATCHES if monitor is True else int(monitor), amp=amp
                           ) as (loss_fn, projectors):
             return fit(student, dataset, loss_fn=loss_fn, extra=projectors, on_epoch_end=loss_fn.epoch_end, **common)
     finally:
@@ -242,13 +244,13 @@ def distill(teacher: nn.Module, student: nn.Module | str, dataset: Dataset, meth
 
 def _prepare_student(method: str, teacher: nn.Module, student: nn.Module, dataset: Dataset, teacher_layers,
                      student_layers, teacher_name: str | None, student_name: str | None, cache: dict,
-                     device: torch.device | str | None, progress: bool, seed: int
+                     device: torch.device | str | None, progress: bool, seed: int, amp: bool
                      ) -> tuple[nn.Module, list[int], list[int]]:
     """The student as it trains (wrapped by the method's unit if it wraps, as SimKD does) and its resolved layer
     pairs."""
     spec = REGISTRY[method]
     s_layers, t_layers = _resolve_layers(method, spec, teacher, dataset, teacher_layers, student_layers,
-                                         teacher_name, student_name, cache, device, progress)
+                                         teacher_name, student_name, cache, device, progress, amp)
     if spec.wraps_student:
         student = spec.unit.wrap(teacher, student, s_layers, t_layers, dataset.image_size, seed)
     return student, s_layers, t_layers
@@ -256,7 +258,7 @@ def _prepare_student(method: str, teacher: nn.Module, student: nn.Module, datase
 
 def _resolve_layers(method: str, spec: Method, teacher: nn.Module, data: Dataset, teacher_layers, student_layers,
                     teacher_name: str | None, student_name: str | None, cache: dict, device: torch.device | str | None,
-                    progress: bool) -> tuple[list[int], list[int]]:
+                    progress: bool, amp: bool) -> tuple[list[int], list[int]]:
     """Student layers (standard by default) and teacher layers (KQ top-k or standard, by method)."""
     if not spec.features:
         if teacher_layers is not None or student_layers is not None:
@@ -277,12 +279,12 @@ def _resolve_layers(method: str, spec: Method, teacher: nn.Module, data: Dataset
                              f"teacher_layers={list(teacher_layers)}. Use feature_kd / feature_kd_ce for other layers.")
         teacher_layers = standard
     elif teacher_layers is None:
-        key = ("kq", state_fingerprint(teacher), data.name, data_fingerprint(data))
+        key = ("kq", state_fingerprint(teacher), data.name, data_fingerprint(data), amp)
         if key not in cache:
             per_class = kq_per_class(data.name, teacher_name or "", num_classes=data.num_classes,
                                      image_size=data.image_size)
             cache[key] = layer_qualities(teacher, data, per_class=per_class, probe=False, cache_dir=None,
-                                         device=device, progress=progress)
+                                         device=device, progress=progress, amp=amp)
         teacher_layers = select_layers(cache[key], k=len(student_layers), by=spec.layers)
         print(f"teacher layers by {spec.layers} (top {len(student_layers)}): {teacher_layers}", flush=True)
     return one_to_one(student_layers, teacher_layers)
@@ -302,7 +304,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
                  temperature: float | None = None, augment: bool = False, cache: dict | None = None,
                  cache_budget_mb: float | None = None, device: torch.device | str | None = None,
                  batch_size: int = 128, record: dict | None = None, progress: bool = True,
-                 monitor: int = 0) -> Iterator[tuple[LossFn, nn.ModuleList | None]]:
+                 monitor: int = 0, amp: bool = True) -> Iterator[tuple[LossFn, nn.ModuleList | None]]:
     """Set up a method's loss for `fit`: yields (loss_fn, projectors) with the student's layers tapped.
 
     The feature term is the method's unit's (kdutils.feature_losses): its pairs, its parts (yielded as `projectors`;
@@ -311,7 +313,8 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
     batch's loss terms ("ce", "feature", "kl"; undetached) so a test can back-propagate one term alone.
     `temperature` None means the method's own (REGISTRY). `loss_fn.epoch_end` is an `on_epoch_end` for fit that adds
     each term's epoch mean to the history row ("terms") and, with `monitor` > 0, kdutils.monitor's measurements on
-    that many fixed training batches ("monitor", see :func:`distill`).
+    that many fixed training batches ("monitor", see :func:`distill`). `amp` is fit's: the teacher's cached (or
+    on-the-fly) forward passes and the monitor's run in kdutils.precision.precision_for(device, amp).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -330,15 +333,16 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
     check_class_counts(teacher, student, data)
     inner = distilled_network(unit, student)            # the network whose generalized layers are distilled
     device = torch.device(device) if device is not None else default_device()
+    precision = precision_for(device, amp)
     s_layers, t_layers = unit.pairs(student_layers, teacher_layers) if unit is not None else ([], [])
     check_wrapped_layers(student, s_layers)
     projectors = None
     lookup: TeacherLookup | None = None
     cache = {} if cache is None else cache
     if spec.features or spec.kl:
-        prepare_model(teacher, device)
+        model_to(teacher, device, precision)
         fingerprint = state_fingerprint(teacher)
-        prepare_model(student, device)
+        model_to(student, device, precision)
         s_shapes = feature_shapes(inner, s_layers, data.image_size, device)
         t_shapes = teacher_shapes(teacher, t_layers, data.image_size, device, cache, fingerprint)
         if unit is not None:                             # the unit's parts (SimKD's live in its SimKDStudent)
@@ -347,7 +351,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
         lookup = teacher_lookup(teacher, data, unit.targets if unit is not None else None, spec.kl, t_layers,
                                 s_shapes, t_shapes, fingerprint=fingerprint, augment=augment, cache=cache,
                                 cache_budget_mb=cache_budget_mb, device=device, batch_size=max(batch_size, 256),
-                                progress=progress)
+                                progress=progress, precision=precision)
 
     with contextlib.ExitStack() as stack:
         feats: dict[int, torch.Tensor] = {}
@@ -389,7 +393,7 @@ def distill_loss(teacher: nn.Module, student: nn.Module, data: Dataset, method: 
             row["terms"] = {k: float(v) / max(seen[0], 1) for k, v in sums.items()}
             if fixed:
                 row["monitor"] = measure(model, inner, fixed, loss_fn, record, feats, lookup, spec.ce_backbone,
-                                         s_layers, projectors, device)
+                                         s_layers, projectors, device, precision)
             sums.clear()                     # the next epoch starts from zero (the measurements added to them)
             seen[0] = 0
 
@@ -401,7 +405,7 @@ def fill_teacher_cache(teacher: nn.Module, student: str, dataset: Dataset, metho
                        teacher_layers: Sequence[int] | None = None, student_layers: Sequence[int] | None = None,
                        seed: int = 0, augment: bool = False, cache_budget_mb: float | None = None,
                        device: torch.device | str | None = None, batch_size: int = 128,
-                       teacher_name: str | None = None) -> dict:
+                       teacher_name: str | None = None, amp: bool = True) -> dict:
     """Put in `cache` what distill(teacher, student, dataset, method, cache=cache, ...) reads from the teacher (KQ
     selection, feature shapes, features and logits), without training; returns `cache`. The teacher is frozen."""
     seed_everything(seed)
@@ -409,10 +413,10 @@ def fill_teacher_cache(teacher: nn.Module, student: str, dataset: Dataset, metho
     teacher.eval().requires_grad_(False)
     built, s_layers, t_layers = _prepare_student(method, teacher, built, dataset, teacher_layers, student_layers,
                                                  teacher_name or getattr(teacher, "kd_name", None), student, cache,
-                                                 device, False, seed)
+                                                 device, False, seed, amp)
     with distill_loss(teacher, built, dataset, method, teacher_layers=t_layers, student_layers=s_layers, seed=seed,
                       augment=augment, cache=cache, cache_budget_mb=cache_budget_mb, device=device,
-                      batch_size=batch_size, progress=False):
+                      batch_size=batch_size, progress=False, amp=amp):
         pass
     return cache
 

@@ -29,6 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
+from kdutils.precision import Precision, autocast, batch_to, precision_for
+
 MAX_DIM = 262_144          # flattened size above which a 4-D map is max-pooled first (upstream iMaxDimension)
 VARIANCE_THRESHOLD = 0.95  # cumulative explained variance that defines a class's embedding dimension
 _CHUNK_ELEMS = 1 << 22     # elements per float64 temporary in chunked loops (32 MiB)
@@ -449,21 +451,24 @@ def collect_features(outputs: Iterable[dict[int, torch.Tensor]], sample: Sample,
 
 
 def layer_outputs(model: nn.Module, x: torch.Tensor, layers: Sequence[int], *, mean: Sequence[float],
-                  std: Sequence[float], batch_size: int = 128, device: torch.device | None = None
-                  ) -> Iterator[dict[int, torch.Tensor]]:
+                  std: Sequence[float], batch_size: int = 128, device: torch.device | None = None,
+                  precision: Precision | None = None) -> Iterator[dict[int, torch.Tensor]]:
     """Yield {layer: output (float32)} of the given generalized layers for uint8 images x, batch by batch, in order.
 
     One forward pass per batch under torch.inference_mode that stops after the deepest requested layer
-    (kdutils.layers.extract, stop_early=True); the caller sets eval mode. Several layers per pass assume the model
+    (kdutils.layers.extract, stop_early=True), in `precision` (kdutils.precision; None: fp32 NCHW), outputs cast
+    to fp32; the caller sets eval mode. Several layers per pass assume the model
     does not modify a tapped output in place later in the same forward (true for the kdutils models).
     """
     from kdutils.data import batches
     from kdutils.layers import extract
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    precision = precision if precision is not None else precision_for(device, amp=False)
     xs = x.to(device)
     dummy = torch.zeros(len(xs), dtype=torch.int64)
     for xb, _ in batches(xs, dummy, batch_size, mean=mean, std=std):
-        with torch.inference_mode():                  # per batch: the mode must not leak to the consumer
-            outs = {i: out.float() for i, out in extract(model, xb, layers, stop_early=True).items()}
+        with torch.inference_mode(), autocast(precision):  # per batch: the mode must not leak to the consumer
+            outs = {i: out.float() for i, out in extract(model, batch_to(xb, precision), layers,
+                                                          stop_early=True).items()}
         yield outs

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from kdutils.data import fingerprint, normalize
 from kdutils.geometry import (MAX_DIM, class_balanced_sample, collect_features, feature_geometry, layer_outputs,
                               linear_probe, pool_features)
+from kdutils.precision import Precision, model_to, precision_for
 from kdutils.train import state_fingerprint
 
 KQ_VERSION = 1            # bump when a formula changes: old cache files are then recomputed
@@ -137,7 +138,7 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
                    per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 128,
                    device: str | torch.device | None = None, cache_dir: str | Path | None = "cache/kq",
                    max_dim: int | None = MAX_DIM, group_mb: float | None = GROUP_MB,
-                   progress: bool = True) -> dict[int, dict]:
+                   progress: bool = True, amp: bool = True) -> dict[int, dict]:
     """Geometry, KQ terms, 2-D PCA and probe accuracy of each generalized layer (all, or `layers`) of a model.
 
     Features are the layer outputs on a seeded class-balanced sample of dataset's train split (normalised with
@@ -148,12 +149,16 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
     The probe is a logistic regression on globally average-pooled features (train: subset A, score: the test
     split). Results are cached in `cache_dir` by (model state_dict hash, the data's content fingerprint
     kdutils.data.fingerprint, seed) plus the settings; a cache whose key differs is ignored and rewritten.
-    Returns {layer index: result dict}.
+    The forward passes run in kdutils.precision.precision_for(device, amp) (amp=False: fp32 NCHW); the features are
+    cast to fp32 and every statistic (Gram, SVD, eigh, probe) is computed in fp32/fp64 either way. The precision is
+    part of the cache key. Returns {layer index: result dict}.
     """
     from kdutils.layers import generalized_layers
     from kdutils.train import default_device
 
     gen = generalized_layers(model)
+    device = torch.device(device) if device is not None else default_device()
+    precision = precision_for(device, amp)
     layers = list(range(len(gen))) if layers is None else [int(i) for i in layers]
     bad = [i for i in layers if not 0 <= i < len(gen)]
     if bad:
@@ -163,7 +168,8 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
     model_hash, data_hash = state_fingerprint(model), fingerprint(dataset)
     key = {"version": KQ_VERSION, "model": model_hash, "data_fingerprint": data_hash, "seed": int(seed),
            "max_samples": int(max_samples), "per_class": int(per_class), "num_train": int(dataset.num_train),
-           "max_dim": -1 if max_dim is None else int(max_dim)}
+           "max_dim": -1 if max_dim is None else int(max_dim),
+           "precision": str(precision.dtype or torch.float32).replace("torch.", "")}
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / f"kq-{model_hash}-{dataset.name}-{data_hash}-seed{seed}.pt"
@@ -171,8 +177,7 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
     todo = [i for i in layers if i not in cached or (probe and math.isnan(cached[i]["probe_acc"]))]
     if todo:
         _compute_layers(model, dataset, todo, cached, key, path, probe=probe, batch_size=batch_size,
-                        device=torch.device(device) if device is not None else default_device(), group_mb=group_mb,
-                        progress=progress)
+                        device=device, group_mb=group_mb, progress=progress, precision=precision)
     return {i: cached[i] for i in layers}
 
 
@@ -180,7 +185,7 @@ def layer_qualities(model: nn.Module, dataset, layers: Sequence[int] | None = No
                     per_class: int = 500, seed: int = 0, probe: bool = True, batch_size: int = 128,
                     device: str | torch.device | None = None, cache_dir: str | Path | None = "cache/kq",
                     max_dim: int | None = MAX_DIM, group_mb: float | None = GROUP_MB,
-                    progress: bool = True) -> pd.DataFrame:
+                    progress: bool = True, amp: bool = True) -> pd.DataFrame:
     """Q and its parts for every generalized layer (or `layers`) as a DataFrame indexed by layer (see layer_analysis).
 
     Columns: path, kind, shape, dim, separation, information, efficiency, sqrt_ie, quality, intra_cos, inter_cos,
@@ -189,7 +194,7 @@ def layer_qualities(model: nn.Module, dataset, layers: Sequence[int] | None = No
     """
     analysis = layer_analysis(model, dataset, layers, max_samples=max_samples, per_class=per_class, seed=seed,
                               probe=probe, batch_size=batch_size, device=device, cache_dir=cache_dir,
-                              max_dim=max_dim, group_mb=group_mb, progress=progress)
+                              max_dim=max_dim, group_mb=group_mb, progress=progress, amp=amp)
     return quality_table(analysis)
 
 
@@ -252,7 +257,7 @@ def _group_layers(layers: list[int], nbytes: dict[int, int], budget: float | Non
 
 def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int, dict], key: dict,
                     path: Path | None, *, probe: bool, batch_size: int, device: torch.device, group_mb: float | None,
-                    progress: bool) -> None:
+                    progress: bool, precision: Precision) -> None:
     """Analyse the layers in `todo`, adding them to `cached` and to the cache file after each layer.
 
     Layers are extracted in groups: one early-stopping forward pass over the sample per group, where a group is a
@@ -268,11 +273,12 @@ def _compute_layers(model: nn.Module, dataset, todo: list[int], cached: dict[int
     codes_a = torch.from_numpy(sample.codes[sample.rows_a])
     labels_a = dataset.y_train.cpu()[index[torch.from_numpy(sample.rows_a)]]
     max_dim = None if key["max_dim"] < 0 else key["max_dim"]
-    passes = {"mean": dataset.mean, "std": dataset.std, "batch_size": batch_size, "device": device}
+    passes = {"mean": dataset.mean, "std": dataset.std, "batch_size": batch_size, "device": device,
+              "precision": precision}
     first_param = next(model.parameters(), None)
     home = first_param.device if first_param is not None else torch.device("cpu")
     was_training = model.training
-    model.to(device).eval()
+    model_to(model, device, precision).eval()
     try:
         with torch.inference_mode():
             xb = normalize(x_sample[:1].to(device), dataset.mean, dataset.std)

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from kdutils.feature_maps import pool_to
 from kdutils.layers import split_at_layer
 from kdutils.teacher_cache import TeacherLookup
-from kdutils.train import LossFn, autocast, to_input
+from kdutils.precision import Precision, autocast, batch_to
+from kdutils.train import LossFn
 
 MONITOR_BATCHES = 2      # fixed training batches that distill(..., monitor=True) measures after every epoch
 
@@ -58,7 +59,7 @@ def _cosine(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) 
 
 def measure(model: nn.Module, inner: nn.Module, fixed: list, loss_fn: LossFn, terms: dict, feats: dict,
             lookup: TeacherLookup, ce_backbone: bool, s_layers: Sequence[int], projectors: nn.ModuleList | None,
-            device: torch.device) -> dict:
+            device: torch.device, precision: Precision) -> dict:
     """One epoch's measurements on the fixed batches (see distill's `monitor`); the model's BatchNorm statistics and
     the global RNG are restored afterwards, so training goes on exactly as without them. The gradient cosines are
     measured only when CE reaches the backbone (`ce_backbone`)."""
@@ -78,8 +79,8 @@ def measure(model: nn.Module, inner: nn.Module, fixed: list, loss_fn: LossFn, te
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         try:
             for xb, yb, idx in fixed:
-                xb, yb = to_input(xb, device), yb.to(device)
-                with autocast(device):
+                xb, yb = batch_to(xb, precision), yb.to(device)
+                with autocast(precision):
                     loss_fn(model, xb, yb, idx)
                 logit = sum(v for k, v in terms.items() if k in ("ce", "kl"))
                 for name, params in stages.items():

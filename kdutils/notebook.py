@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import torch
 
 from kdutils import checks, pipeline, presets, rundir
+from kdutils.precision import describe, precision_for
 from kdutils.presets import on_colab
 from kdutils.train import default_device
 
@@ -163,10 +164,10 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     the preset's value). notebook: its file name, e.g. "04_distill_without_ce.ipynb", whose inputs (INPUTS, or
     `needs` = [(artifact, producing notebook), ...]) must be in run_dir; on Colab (`colab`, default detected) or
     with produce=True, missing ones are made by running the earlier notebooks headless (ensure_inputs). Creates
-    run_dir and prints one line: preset, device, run_dir. For notebook 1, a `pretrained` teacher whose ImageNet
-    weights cannot be loaded is decided here (one line says so; config holds pretrained False and
-    pretrained_requested True, so its table shows what is trained); notebook 6's validation split and kq_samples
-    are checked before anything trains (checks.check_validation_split, check_kq_samples).
+    run_dir and prints one line: preset, device and its precision (kdutils.precision.describe), run_dir. For
+    notebook 1, a `pretrained` teacher whose ImageNet weights cannot be loaded is decided here (one line says so;
+    config holds pretrained False and pretrained_requested True, so its table shows what is trained); notebook 6's
+    validation split and kq_samples are checked before anything trains (checks.check_validation_split, check_kq_samples).
     """
     config = presets.resolve_config(namespace.get("preset", "auto"), colab=colab,
                                     **presets.config_overrides(namespace))
@@ -188,7 +189,8 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
             print(f"The teacher's ImageNet weights cannot be loaded ({why}); {config['teacher']} is trained from "
                   f"scratch instead: pretrained False (pretrained_requested True).", flush=True)
             config = {**config, "pretrained": False, "pretrained_requested": True}
-    print(f"preset {config['preset']} | device {device} | run_dir {rundir.shown_path(run_dir)}"
+    print(f"preset {config['preset']} | device {device}, {describe(precision_for(device))} | run_dir "
+          f"{rundir.shown_path(run_dir)}"
           + (" | on Colab" if on_colab(colab) else ""))
     return Setup(config, run_dir, data_root, device, config["seeds"][0])
 

@@ -1,18 +1,19 @@
 """Which number format and memory layout a device trains and infers in: one rule for CPU, CUDA and Apple MPS.
 
 `precision_for(device)` decides; `autocast`, `model_to` and `batch_to` apply the decision; `describe` and `record`
-say it (a set-up line; manifests and results.json). Today benchmarks/speed_bench.py and benchmarks/gpu_check.py use
-it; kdutils.train, distill and kq still run their own CUDA-only rule (train.autocast, prepare_model, to_input) until
-issue 20 moves them onto this one. Losses, KQ's statistics and accuracies are meant to stay in fp32 either way.
+say it (a set-up line; manifests and results.json). kdutils.train (fit, predict, evaluate, load_model),
+kdutils.distill, kdutils.teacher_cache, kdutils.monitor and kdutils.kq's feature extraction all follow it, each with an
+`amp` switch (amp=False: plain fp32 NCHW). Losses, KQ's statistics (Gram, SVD, eigh) and accuracies are computed
+in fp32 whatever the forward pass ran in.
 
 The rule (the CPU rows measured with benchmarks/speed_bench.py on a Sapphire Rapids; the CUDA rows are the
-rule kdutils.train already applies):
+rule kdutils.train applied on CUDA before it covered every device):
 - CUDA with native bf16 (compute capability 8.0+: A100, H100, L4, RTX 30xx/40xx): bf16 autocast, channels_last.
 - older CUDA (T4, V100): fp16 autocast with a gradient scaler, channels_last.
 - a CPU with native bf16 kernels (Intel AMX or AVX-512-BF16, e.g. Sapphire Rapids, Zen 4): bf16 autocast,
   channels_last (2-3x fp32 NCHW in a training step of the course's models).
 - any other CPU: fp32, channels_last (convolutions still gain from the layout; bf16 would be emulated, slower).
-- Apple MPS: fp32, contiguous (not measured: no Mac was at hand).
+- Apple MPS: fp32, contiguous (not measured: no Mac was at hand; see kdutils.train.default_device).
 - `amp=False`: fp32, contiguous NCHW on every device -- exactly the code path of kdutils before this rule.
 """
 from __future__ import annotations
@@ -87,9 +88,9 @@ def autocast(precision: Precision) -> contextlib.AbstractContextManager:
 
 
 def model_to(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
-    """Move a model to the device, in channels_last layout where the precision asks for it."""
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if precision.channels_last else model
+    """Move a model to the device in the layout of `precision`: channels_last, or contiguous NCHW."""
+    layout = torch.channels_last if precision.channels_last else torch.contiguous_format
+    return model.to(device).to(memory_format=layout)
 
 
 def batch_to(xb: torch.Tensor, precision: Precision) -> torch.Tensor:

@@ -24,14 +24,16 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
-def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: str, dataset: str) -> dict:
+def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: str, dataset: str,
+                   precision: dict | None = None) -> dict:
     """Per-method final/best test accuracy (mean, sample std over runs), time per run and epochs to reach CE.
 
     `runs[method]` holds one per-epoch history (rows with epoch, loss, train_acc, test_acc, seconds) per seed. Per
     method: final = last epoch's test_acc, best = max over epochs, `seeds` = number of runs, `seconds` = mean total
     seconds per run, plus the per-run lists `final_acc`/`best_acc`, the mean test-accuracy curve `curve` and
     `epochs_to_ce_final`: the first epoch whose mean test accuracy reaches the CE student's final mean (None if never,
-    or when there is no "ce" method).
+    or when there is no "ce" method). `precision` (kdutils.precision.record of what the runs trained in), if
+    given, is kept as "precision".
     """
     methods = {}
     for method, histories in runs.items():
@@ -66,7 +68,8 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
         summary["epochs_to_ce_final"] = reached[0] if reached else None
     return {"preset": preset, "dataset": dataset,
             "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
-                        if k in teacher}, "methods": methods}
+                        if k in teacher}, **({"precision": precision} if precision is not None else {}),
+            "methods": methods}
 
 
 def _nanmean(values: Sequence[float | None]) -> float | None:

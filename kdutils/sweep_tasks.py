@@ -19,6 +19,8 @@ import torch
 
 from kdutils import pipeline
 from kdutils.distill import REGISTRY, distill, fill_teacher_cache, layer_arguments
+from kdutils.precision import precision_for
+from kdutils.precision import record as precision_record
 from kdutils.presets import PAIRS, PARAMETERS, monitored, resolve_config, student_recipe
 from kdutils.results import RESULTS_FILE, summarize_runs
 from kdutils.rundir import NOTEBOOKS, NOTEBOOKS_DIR, series_data, teacher_config
@@ -218,7 +220,8 @@ def train_student(run_dir: str, config: dict, method: str, seed: int, data_root:
                       **student_recipe(config), **layer_arguments(method, selection),
                       monitor=monitored(config, method))
     return {"history": history, "status": status, "seconds": time.perf_counter() - start, "data_name": data.name,
-            "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(), "device": str(device)}
+            "node": ray.util.get_node_ip_address(), "threads": torch.get_num_threads(), "device": str(device),
+            "precision": precision_record(precision_for(device))}     # decided on the worker's own hardware
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,12 +237,13 @@ def task_error(err: BaseException) -> str:
 def cell_results(cell: dict, runs: dict) -> dict | None:
     """summarize_runs of a cell's methods whose every seed finished (as notebook 5 writes it), else None."""
     config = cell["config"]
-    histories, dataset = {}, cell["dataset"]
+    histories, dataset, precision = {}, cell["dataset"], None
     for method in config["methods"]:
         done = [runs.get((cell["key"], method, seed)) for seed in config["seeds"]]
         if all(r is not None and r.get("history") for r in done):
             histories[method] = [r["history"] for r in done]
             dataset = done[0].get("data_name", dataset)
+            precision = precision or done[0].get("precision")
     metrics = Path(cell["run_dir"]) / "teacher_metrics.json"
     if not histories or not metrics.is_file():
         return None
@@ -247,7 +251,8 @@ def cell_results(cell: dict, runs: dict) -> dict | None:
     full = teacher_config(config, cell["run_dir"])
     teacher = {"model": config["teacher"], "test_acc": teacher_metrics["final_test_acc"],
                **{k: full[k] for k in ("pretrained", "pretrained_requested") if k in full}}
-    results = summarize_runs(histories, teacher=teacher, preset=config["preset"], dataset=dataset)
+    results = summarize_runs(histories, teacher=teacher, preset=config["preset"], dataset=dataset,
+                             precision=precision)
     results["config"] = full
     results["kq_layers"] = json.loads((Path(cell["run_dir"]) / "kq_layers.json").read_text())["kq_layers"]
     return results

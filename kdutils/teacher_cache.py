@@ -21,7 +21,7 @@ from kdutils.data import Dataset, batches
 from kdutils.data import fingerprint as data_fingerprint   # `fingerprint` names the teacher's weights' hash here
 from kdutils.feature_maps import Shape, Targets, feature_shapes
 from kdutils.layers import extract, tap
-from kdutils.train import autocast, to_input
+from kdutils.precision import Precision, autocast, batch_to
 
 TeacherLookup = Callable[[torch.Tensor, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
 
@@ -60,9 +60,10 @@ def _cache_budget_mb(device: torch.device, budget_mb: float | None) -> float:
 
 def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_shapes: Sequence[Shape],
                  t_shapes: Sequence[Shape], want: dict[str, tuple], store: torch.device, device: torch.device,
-                 batch_size: int, progress: bool, targets: Targets | None
+                 batch_size: int, progress: bool, targets: Targets | None, precision: Precision
                  ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """One pass of the teacher over the un-augmented train split: fp16 targets and/or fp32 logits."""
+    """One pass of the teacher over the un-augmented train split (forward in `precision`): fp16 targets and/or
+    fp32 logits."""
     n = data.num_train
     pin = store.type == "cpu" and device.type == "cuda"
     out: dict = {}
@@ -73,8 +74,8 @@ def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_sha
         out["logits"] = torch.empty((n, data.num_classes), dtype=torch.float32, device=store, pin_memory=pin)
     it = batches(data.x_train, data.y_train, batch_size, mean=data.mean, std=data.std, with_index=True)
     for xb, _, idx in tqdm(it, total=-(-n // batch_size), desc="teacher cache", leave=False, disable=not progress):
-        with autocast(device):
-            feats, logits = _teacher_forward(teacher, to_input(xb, device), layers if "features" in want else [],
+        with autocast(precision):
+            feats, logits = _teacher_forward(teacher, batch_to(xb, precision), layers if "features" in want else [],
                                              "logits" in want)
         idx = idx.to(store)
         if "features" in want:
@@ -89,7 +90,7 @@ def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_sha
 def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, logits: bool, t_layers: Sequence[int],
                    s_shapes: Sequence[Shape], t_shapes: Sequence[Shape], *, fingerprint: str, augment: bool,
                    cache: dict, cache_budget_mb: float | None, device: torch.device, batch_size: int,
-                   progress: bool) -> TeacherLookup:
+                   progress: bool, precision: Precision) -> TeacherLookup:
     """A function (xb, idx) -> (teacher targets, teacher logits) reading the cache, or running the teacher.
 
     `targets` None: no features (a logits-only method); `logits`: whether the method needs the teacher's logits.
@@ -114,7 +115,8 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
 
     if augment:
         return on_the_fly("augmentation on: the teacher sees the student's augmented batch")
-    base = (fingerprint, data.name, data_fingerprint(data))      # the teacher's weights and the data's content
+    # the teacher's weights, the data's content, and the precision its forward passes ran in
+    base = (fingerprint, data.name, data_fingerprint(data), precision.dtype)
     keys = {}
     if features:
         keys["features"] = (*base, tuple(layers), tuple(targets_shapes), targets.name)
@@ -134,7 +136,7 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
             store = torch.device("cpu")     # pinned host memory, copied per batch
         t0 = time.perf_counter()
         built = _build_cache(teacher, data.to(device), layers, s_shapes, t_shapes, missing, store, device,
-                             batch_size, progress, targets)
+                             batch_size, progress, targets, precision)
         seconds = time.perf_counter() - t0
         for k, tensors in built.items():
             size = (sum(t.numel() * t.element_size() for t in tensors) if isinstance(tensors, list)

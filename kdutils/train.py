@@ -1,13 +1,13 @@
-"""Training: seeding, device and mixed precision, evaluation, and `fit` (AdamW + OneCycle, or the long SGD
+"""Training: seeding, the device, evaluation, and `fit` (AdamW + OneCycle, or the long SGD
 schedule), a short driver over named steps: make the optimiser and schedule, resume, one epoch with the divergence
-rule, save the epoch's checkpoint (kdutils.checkpoints writes and checks those files).
+rule, save the epoch's checkpoint (kdutils.checkpoints writes and checks those files). Every forward pass here runs
+in the precision kdutils.precision.precision_for(device, amp) chooses.
 
 Called by notebook 1 (fit, seed_everything), notebooks 2-6 (load_model), kdutils.distill (fit runs every method),
 kdutils.kq, kdutils.sweep_tasks, kdutils.presets, kdutils.rundir, kdutils.notebook and the benchmarks.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import math
@@ -26,13 +26,24 @@ from tqdm.auto import tqdm
 from kdutils.checkpoints import check_architecture, check_data, load_checkpoint, load_state, model_name, save_checkpoint
 from kdutils.data import Dataset, batches, fingerprint, normalize
 from kdutils.models import LONG_LR, PEAK_LR, build_model, head_parameters
+from kdutils.precision import Precision, autocast, batch_to, model_to, precision_for
+from kdutils.precision import record as precision_record
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_device() -> torch.device:
-    """The CUDA device when one is present, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The CUDA device when one is present, else Apple's MPS when it works (one message if it does not), else the
+    CPU. MPS is untested here (no Mac at hand); pass device="cpu" to any kdutils call to avoid it."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        try:
+            torch.ones(2, 2, device="mps").sum().item()
+            return torch.device("mps")
+        except Exception as error:              # an MPS build that cannot run: say so once per call, use the CPU
+            print(f"Apple MPS is present but failed ({type(error).__name__}: {error}); using the CPU.", flush=True)
+    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:
@@ -68,50 +79,28 @@ def suggested_lr(model: str, schedule: str, lr: float) -> tuple[float, str]:
     return lr / 10, "a tenth of it"
 
 
-def native_bf16(device: torch.device) -> bool:
-    """Whether a CUDA device computes bf16 natively (compute capability 8.0+: A100, H100, L4, RTX 30xx/40xx); a
-    T4 or V100 only emulates it, slowly, so mixed precision uses fp16 with a gradient scaler there."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
-
-
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision on CUDA (bf16 where native, else fp16); a no-op on the CPU or when not `enabled`."""
-    if device.type != "cuda" or not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if native_bf16(device) else torch.float16)
-
-
-def prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Move a model to the device, in channels_last memory format on CUDA."""
-    model = model.to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def to_input(xb: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Put an image batch in the memory format the device prefers."""
-    return xb.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and xb.dim() == 4 else xb
-
-
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, *, mean, std, batch_size: int = 512) -> torch.Tensor:
-    """Logits (float32, on x's device) of a model over uint8 images x, in eval mode."""
+def predict(model: nn.Module, x: torch.Tensor, *, mean, std, batch_size: int = 512, amp: bool = True
+            ) -> torch.Tensor:
+    """Logits (float32, on the model's device) of a model over uint8 images x, in eval mode, the forward pass in the
+    precision of kdutils.precision.precision_for(device, amp)."""
     device = next(model.parameters()).device
+    precision = precision_for(device, amp)
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(x), batch_size):
         xb = normalize(x[i:i + batch_size].to(device, non_blocking=True), mean, std)
-        with autocast(device):
-            out.append(model(to_input(xb, device)).float())
+        with autocast(precision):
+            out.append(model(batch_to(xb, precision)).float())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, device=device)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std, batch_size: int = 512) -> float:
-    """Top-1 accuracy in [0, 1] of a model on uint8 images x with labels y."""
-    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size)
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mean, std, batch_size: int = 512,
+             amp: bool = True) -> float:
+    """Top-1 accuracy in [0, 1] of a model on uint8 images x with labels y (the forward pass as `predict`'s)."""
+    logits = predict(model, x, mean=mean, std=std, batch_size=batch_size, amp=amp)
     return (logits.argmax(1).cpu() == y.cpu()).float().mean().item() if len(y) else float("nan")
 
 
@@ -119,7 +108,7 @@ def cross_entropy_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, idx
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """The default training loss: plain cross-entropy on the model's logits."""
     logits = model(xb)
-    return F.cross_entropy(logits, yb), logits
+    return F.cross_entropy(logits.float(), yb), logits
 
 
 def library_versions() -> dict[str, str]:
@@ -318,7 +307,8 @@ def _optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torc
 
 
 def train_epoch(step_loss: Callable, model: nn.Module, data: Dataset, epoch: int, *, epochs: int, seed: int,
-                batch_size: int, drop_last: bool, steps: int, augment: bool, amp: bool, device: torch.device,
+                batch_size: int, drop_last: bool, steps: int, augment: bool, precision: Precision,
+                device: torch.device,
                 opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
                 scaler: torch.amp.GradScaler, desc: str, progress: bool, reference: float | None,
                 on_diverge: Callable[..., TrainingDiverged]) -> tuple[float, float, float | None]:
@@ -335,8 +325,8 @@ def train_epoch(step_loss: Callable, model: nn.Module, data: Dataset, epoch: int
                  mean=data.mean, std=data.std, augment=augment, with_index=True)
     bar = tqdm(it, total=steps, desc=f"{desc} {epoch}/{epochs}", leave=False, disable=not progress)
     for step, (xb, yb, idx) in enumerate(bar, 1):
-        xb = to_input(xb, device)
-        with autocast(device, amp):
+        xb = batch_to(xb, precision)
+        with autocast(precision):
             loss, logits = step_loss(xb, yb, idx)
         value = loss.detach().float()
         reference = loss_reference(reference, value)
@@ -354,9 +344,9 @@ def train_epoch(step_loss: Callable, model: nn.Module, data: Dataset, epoch: int
 
 
 def epoch_row(model: nn.Module, data: Dataset, epoch: int, *, loss: float, train_acc: float,
-              sched: torch.optim.lr_scheduler.LRScheduler, started: float) -> dict:
+              sched: torch.optim.lr_scheduler.LRScheduler, started: float, amp: bool) -> dict:
     """An epoch's history row: train loss and accuracy, test accuracy now, seconds since `started`, LR, size."""
-    test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std)
+    test_acc = evaluate(model, data.x_test, data.y_test, mean=data.mean, std=data.std, amp=amp)
     return {"epoch": epoch, "loss": loss, "train_acc": train_acc, "test_acc": test_acc,
             "seconds": time.perf_counter() - started, "lr": sched.get_last_lr()[0],
             "params": sum(p.numel() for p in model.parameters())}     # of the network that predicts
@@ -383,8 +373,10 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     """Train with AdamW + per-step OneCycle; resume from (or reuse) `checkpoint`; return per-epoch history.
 
     `backbone_lr_scale` < 1 gives everything but the classifier (models.head_parameters) that fraction of the peak
-    LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01). `amp` turns on bf16 autocast on
-    CUDA (fp32 when False; the CPU always runs fp32); `compile_model` trains through torch.compile(model), falling
+    LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01). `amp` applies the device's
+    precision rule (kdutils.precision.precision_for: bf16 autocast + channels_last on CUDA 8.0+ and on CPUs with
+    native bf16, fp16 + grad scaler on older CUDA; losses in fp32); amp=False trains in plain fp32 NCHW on every
+    device. The choice is recorded in the checkpoint's meta ("precision"). `compile_model` trains through torch.compile(model), falling
     back to eager mode with a message if compilation fails. A run whose loss turns non-finite or exceeds
     DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch, the step and the
     learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so no diverged state
@@ -402,7 +394,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     _check_fit_args(epochs, backbone_lr_scale, schedule)
     device = torch.device(device) if device is not None else default_device()
     loss_fn = loss_fn or cross_entropy_loss
-    model = prepare_model(model, device)
+    precision = precision_for(device, amp)
+    model = model_to(model, device, precision)
     if extra is not None:
         extra.to(device)
     fingerprint(data)            # once, before the move: Dataset.to carries it over to the device copy
@@ -411,11 +404,12 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     steps = data.num_train // batch_size if drop_last else -(-data.num_train // batch_size)
     opt, sched = make_optimizer(model, extra, lr=lr, backbone_lr_scale=backbone_lr_scale, weight_decay=weight_decay,
                                 schedule=schedule, epochs=epochs, steps=steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda" and not native_bf16(device))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     config = run_config(model, data, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
                         seed=seed, augment=augment, backbone_lr_scale=backbone_lr_scale, schedule=schedule)
     meta = {**(meta or {}), "dataset": data.name, "num_classes": data.num_classes, "seed": seed,
-            "data_fingerprint": config["data_fingerprint"], "data_source": data.source}
+            "data_fingerprint": config["data_fingerprint"], "data_source": data.source,
+            "precision": precision_record(precision)}
     history: list[dict] = []
     reference: float | None = None     # max(1, first-step loss): the divergence rule's yardstick
     if checkpoint is not None and Path(checkpoint).exists():
@@ -430,9 +424,9 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         started = time.perf_counter()
         loss, train_acc, reference = train_epoch(
             step_loss, model, data, epoch, epochs=epochs, seed=seed, batch_size=batch_size, drop_last=drop_last,
-            steps=steps, augment=augment, amp=amp, device=device, opt=opt, sched=sched, scaler=scaler, desc=desc,
+            steps=steps, augment=augment, precision=precision, device=device, opt=opt, sched=sched, scaler=scaler, desc=desc,
             progress=progress, reference=reference, on_diverge=on_diverge)
-        row = epoch_row(model, data, epoch, loss=loss, train_acc=train_acc, sched=sched, started=started)
+        row = epoch_row(model, data, epoch, loss=loss, train_acc=train_acc, sched=sched, started=started, amp=amp)
         test_acc = row["test_acc"]     # as evaluated, whatever on_epoch_end does to the row
         if on_epoch_end is not None:
             on_epoch_end(epoch, model, row)
@@ -446,8 +440,10 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
 
 
 def load_model(path: str | Path, device: torch.device | str | None = None, *, expect_model: str | None = None,
-               num_classes: int | None = None, role: str = "model", data: Dataset | None = None) -> nn.Module:
-    """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode.
+               num_classes: int | None = None, role: str = "model", data: Dataset | None = None,
+               amp: bool = True) -> nn.Module:
+    """Rebuild a model saved by fit (its meta names model, num_classes, image_size) in eval mode, in the memory
+    layout of kdutils.precision.precision_for(device, amp).
 
     With `expect_model` / `num_classes`, a checkpoint of another architecture or class count is refused with a
     message naming what it holds (`role` words it, e.g. "teacher"). With `data`, the dataset the model is about to
@@ -466,4 +462,5 @@ def load_model(path: str | Path, device: torch.device | str | None = None, *, ex
         check_data(path, meta, data)
     model = build_model(meta["model"], meta["num_classes"], image_size=meta.get("image_size", 32))
     load_state(model, ck["model"], path)
-    return prepare_model(model, torch.device(device) if device is not None else default_device()).eval()
+    device = torch.device(device) if device is not None else default_device()
+    return model_to(model, device, precision_for(device, amp)).eval()

@@ -605,6 +605,7 @@ def test_monitor_cosine_matches_a_direct_computation(tiny, teacher):
     """One fixed batch, one epoch at lr 0 (the weights do not move): the recorded cosine per stage equals the cosine
     of the CE and feature gradients computed directly on that batch."""
     from kdutils.monitor import _cosine, stage_parameters
+    from kdutils.precision import autocast, batch_to, precision_for
     seed_everything(0)
     student = build_model(STUDENT, 10)
     history = distill(teacher, student, tiny, "feature_kd_ce", teacher_layers=SMALL_LAYERS, teacher_name=SMALL,
@@ -616,7 +617,9 @@ def test_monitor_cosine_matches_a_direct_computation(tiny, teacher):
                       cache_budget_mb=0) as (loss_fn, _):
         xb, yb, idx = one_batch(tiny, 16)
         student.train()
-        loss_fn(student, xb, yb, idx)
+        precision = precision_for("cpu")           # the monitor measures in the precision the run trains in
+        with autocast(precision):
+            loss_fn(student, batch_to(xb, precision), yb, idx)
         for name, params in stage_parameters(student, standard_layers(STUDENT)).items():
             g_ce = torch.autograd.grad(terms["ce"], params, retain_graph=True, allow_unused=True)
             g_f = torch.autograd.grad(terms["feature"], params, retain_graph=True, allow_unused=True)

@@ -59,7 +59,7 @@ def test_dry_run_measures_each_stage(dry_run):
     stages = report["stages"]
     env = stages["environment"]
     assert env["device_type"] == "cpu" and env["torch"] and env["cuda_available"] is False
-    assert env["precision_rule"]["train.native_bf16"] is False and env["torch_threads"] == 1
+    assert env["precision_rule"]["precision.precision_for"]["device"] == "cpu" and env["torch_threads"] == 1
 
     names = {c["name"]: c["result"] for c in stages["throughput"]["cases"]}
     b1, b2 = report["scale"]["batch_sizes"]

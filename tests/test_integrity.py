@@ -121,7 +121,7 @@ def test_kq_cache_and_distill_teacher_cache_key_on_the_content(tmp_path):
         with distill_loss(teacher, student, d, "hinton_kd", cache=cache, batch_size=64, progress=False):
             pass
     logits = [k for k in cache if isinstance(k, tuple) and k[-1] == "logits"]
-    assert len(logits) == 2 and {k[-2] for k in logits} == {fingerprint(data), fingerprint(other)}
+    assert len(logits) == 2 and {k[2] for k in logits} == {fingerprint(data), fingerprint(other)}
     kq.layer_qualities(teacher, data, layers=[3], max_samples=40, per_class=10, probe=False, cache_dir=tmp_path,
                        progress=False)
     (cached,) = tmp_path.glob("kq-*.pt")
@@ -202,6 +202,7 @@ _MEASURE_CELL = textwrap.dedent("""
     from kdutils.geometry import class_balanced_sample, layer_outputs
     from kdutils.kq import knowledge_quality, layer_qualities
     from kdutils.models import build_model
+    from kdutils.precision import precision_for
     torch.set_num_threads(1)
     def status(key):
         return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key))
@@ -220,7 +221,7 @@ _MEASURE_CELL = textwrap.dedent("""
     ns = {"qualities": qualities, "data": data, "teacher": teacher, "device": torch.device("cpu"), "seed": 0,
           "config": {"kq_samples": 5000, "kq_per_class": 50}, "math": math, "torch": torch,
           "class_balanced_sample": class_balanced_sample, "layer_outputs": layer_outputs,
-          "knowledge_quality": knowledge_quality}
+          "knowledge_quality": knowledge_quality, "precision_for": precision_for}
     open("/proc/self/clear_refs", "w").write("5")            # the high-water mark starts here
     before, error = status("VmRSS"), None
     try:

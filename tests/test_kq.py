@@ -303,7 +303,7 @@ def test_layer_qualities_table_matches_knowledge_quality(tiny_setup, tiny_cache)
     from kdutils.layers import extract
 
     model, data = tiny_setup
-    df = kq.layer_qualities(model, data, layers=[1, 5], cache_dir=tiny_cache, **TINY_KW)
+    df = kq.layer_qualities(model, data, layers=[1, 5], cache_dir=tiny_cache, amp=False, **TINY_KW)   # as below
     assert list(df.index) == [1, 5] and df.loc[5, "kind"] == "flatten" and df.loc[1, "shape"] == "16x32x32"
     assert {"separation", "information", "efficiency", "quality", "probe_acc", "ed_mean"} <= set(df.columns)
     assert df["probe_acc"].between(0, 1).all() and df.attrs["seed"] == 1 and df.attrs["n_a"] == 40
@@ -318,7 +318,7 @@ def test_layer_qualities_table_matches_knowledge_quality(tiny_setup, tiny_cache)
         for key in ("separation", "information", "efficiency", "quality", "ed_mean", "entropy"):
             want = direct["entropy_mean" if key == "entropy" else key]
             assert df.loc[layer, key] == pytest.approx(want, rel=1e-4, abs=1e-6), (layer, key)
-    details = kq.layer_analysis(model, data, [5], cache_dir=tiny_cache, **TINY_KW)
+    details = kq.layer_analysis(model, data, [5], cache_dir=tiny_cache, amp=False, **TINY_KW)
     assert details[5]["pca2d"].shape == (40, 2) and details[5]["labels"].shape == (40,)
 
 

@@ -47,7 +47,9 @@ def test_setup_returns_what_every_notebook_computed(tmp_path, capsys):
     assert config == presets.resolve_config("quick", seeds=[3, 4])
     assert run_dir == tmp_path / "run" and run_dir.is_dir()
     assert data_root == rundir.default_data_root() and device == torch.device("cpu") and seed == 3
-    assert capsys.readouterr().out.strip().startswith("preset quick | device cpu | run_dir ")
+    from kdutils.precision import describe, precision_for
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"preset quick | device cpu, {describe(precision_for('cpu'))} | run_dir "), line
 
 
 def test_setup_off_colab_names_the_notebook_to_run(tmp_path):

@@ -4,6 +4,8 @@ import torch
 
 from kdutils.precision import autocast, batch_to, cpu_has_native_bf16, describe, model_to, precision_for, record
 
+pytestmark = pytest.mark.usefixtures("single_thread")     # the fp32 reference numbers were measured at one thread
+
 
 @pytest.mark.parametrize("device, kwargs, dtype, channels_last, scaler", [
     ("cuda", {"cuda_capability": (9, 0)}, torch.bfloat16, True, False),   # H100 / H200
@@ -53,3 +55,75 @@ def test_autocast_and_layout_follow_the_precision():
         assert conv(batch_to(x, low)).dtype == torch.bfloat16
     with autocast(plain):
         assert conv(x).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the rule inside fit, predict and the teacher cache
+
+def _digits_slice():
+    import dataclasses
+    from kdutils.data import load_dataset
+    ds = load_dataset("digits")
+    return dataclasses.replace(ds, x_train=ds.x_train[:256], y_train=ds.y_train[:256], x_test=ds.x_test[:128],
+                               y_test=ds.y_test[:128])
+
+
+def _fit(amp: bool, **kw):
+    from kdutils.models import build_model
+    from kdutils.train import fit, seed_everything
+    seed_everything(0)
+    model = build_model("resnet10_narrow", 10, image_size=16)
+    history = fit(model, _digits_slice(), epochs=2, lr=0.0075, seed=0, progress=False, device="cpu", amp=amp, **kw)
+    return model, history
+
+
+# kdutils before the precision rule (commit 80fdf01, where the CPU always ran fp32 NCHW), this exact run, one thread
+FP32_LOSSES = (2.357851505279541, 1.278846263885498)
+FP32_TEST_ACC = (0.3125, 0.4140625)
+FP32_PARAM_SUM = 692.0182706750254
+
+
+def test_amp_false_reproduces_the_fp32_numbers():
+    model, history = _fit(False)
+    assert [h["loss"] for h in history] == pytest.approx(FP32_LOSSES, rel=1e-5)
+    assert [h["test_acc"] for h in history] == list(FP32_TEST_ACC)
+    assert float(sum(p.detach().double().sum() for p in model.parameters())) == pytest.approx(FP32_PARAM_SUM, rel=1e-6)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+@pytest.mark.skipif(precision_for("cpu").dtype != torch.bfloat16, reason="this CPU has no native bf16")
+def test_default_trains_in_bf16_channels_last_with_fp32_losses():
+    from kdutils.train import cross_entropy_loss
+    seen = {}
+
+    def loss_fn(model, xb, yb, idx):
+        seen["input_channels_last"] = xb.is_contiguous(memory_format=torch.channels_last)
+        loss, logits = cross_entropy_loss(model, xb, yb, idx)
+        seen["logits"], seen["loss"] = logits.dtype, loss.dtype
+        return loss, logits
+
+    model, history = _fit(True, loss_fn=loss_fn)
+    assert seen == {"input_channels_last": True, "logits": torch.bfloat16, "loss": torch.float32}
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+    # a different computation than fp32 (so the fp32 test above can tell them apart), but the same training
+    losses = [h["loss"] for h in history]
+    assert losses != pytest.approx(FP32_LOSSES, rel=1e-5)
+    assert losses == pytest.approx(FP32_LOSSES, rel=0.05)
+
+
+def test_predict_and_the_teacher_cache_follow_amp():
+    from kdutils.distill import fill_teacher_cache
+    from kdutils.models import build_model
+    from kdutils.train import predict
+    ds = _digits_slice()
+    teacher = build_model("resnet18_narrow", 10, image_size=16).eval()
+    fp32 = predict(teacher, ds.x_test, mean=ds.mean, std=ds.std, amp=False)
+    default = predict(teacher, ds.x_test, mean=ds.mean, std=ds.std)
+    assert fp32.dtype == default.dtype == torch.float32        # logits come back in fp32 either way
+    if precision_for("cpu").dtype == torch.bfloat16:
+        assert not torch.equal(fp32, default) and torch.allclose(fp32, default, atol=0.05 * float(fp32.abs().max()))
+    cache: dict = {}
+    for amp in (False, True):
+        fill_teacher_cache(teacher, "resnet10_narrow", ds, "hinton_kd", cache=cache, device="cpu", amp=amp)
+    logit_keys = [k for k in cache if isinstance(k, tuple) and k[-1] == "logits"]
+    assert len(logit_keys) == (2 if precision_for("cpu").dtype is not None else 1)   # one entry per precision
