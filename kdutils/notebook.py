@@ -167,7 +167,8 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     run_dir and prints one line: preset, device and its precision (kdutils.precision.describe), run_dir. For
     notebook 1, a `pretrained` teacher whose ImageNet weights cannot be loaded is decided here (one line says so;
     config holds pretrained False and pretrained_requested True, so its table shows what is trained); notebook 6's
-    validation split and kq_samples are checked before anything trains (checks.check_validation_split, check_kq_samples).
+    validation split and kq_samples are checked before anything trains (checks.check_validation_split,
+    check_kq_samples).
     """
     config = presets.resolve_config(namespace.get("preset", "auto"), colab=colab,
                                     **presets.config_overrides(namespace))

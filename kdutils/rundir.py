@@ -11,8 +11,8 @@ kdutils.sweep_tasks, kdutils.report, kdutils.presets and kdutils.runtime, and th
 - Folders: default_run_dir (runs/<preset>), default_data_root (data/), shown_path / shown_config (paths as outputs
   print them: relative to the project folder, no machine paths).
 - Artifacts: write_atomic / write_json_atomic (readers never see half a file), require_artifact (a clear "run
-  notebook N first" error), write_manifest (config, seeds, versions, device and precision, git commit, artifact hashes and the
-  data's fingerprint in run_dir/manifests/), teacher_config (what notebook 1 really trained).
+  notebook N first" error), write_manifest (config, seeds, versions, device, precision, git commit, artifact hashes
+  and the data's fingerprint in run_dir/manifests/), teacher_config (what notebook 1 really trained).
 - run_lock: run_dir/run.lock held for a whole run, so a second run into the same folder is refused (RunDirBusy);
   check_writable refuses a folder that cannot be written before any kernel starts.
 """
@@ -164,7 +164,8 @@ def teacher_config(config: dict, run_dir: str | Path) -> dict:
 
 def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: dict[str, Path],
                    data: "kdutils.data.Dataset | None" = None) -> Path:
-    """Record a notebook's config, seeds, versions, device and precision, git commit and artifact hashes in run_dir/manifests/.
+    """Record a notebook's config, seeds, versions, device and precision, git commit and artifact hashes in
+    run_dir/manifests/.
 
     With `data` (the dataset the notebook worked on), also what it was: name, source (shown_path of a file), content
     fingerprint (kdutils.data.fingerprint, the one checkpoints record), split sizes, classes and image size.

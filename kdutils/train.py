@@ -376,14 +376,14 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
     LR, as the paper does when it fine-tunes an ImageNet-pretrained teacher (0.01). `amp` applies the device's
     precision rule (kdutils.precision.precision_for: bf16 autocast + channels_last on CUDA 8.0+ and on CPUs with
     native bf16, fp16 + grad scaler on older CUDA; losses in fp32); amp=False trains in plain fp32 NCHW on every
-    device. The choice is recorded in the checkpoint's meta ("precision"). `compile_model` trains through torch.compile(model), falling
-    back to eager mode with a message if compilation fails. A run whose loss turns non-finite or exceeds
-    DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch, the step and the
-    learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so no diverged state
-    is ever saved. `schedule="long"` is the "+240E" baselines' recipe instead: SGD (momentum 0.9) at `lr`, x0.1 at
-    epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs. `on_epoch_end(epoch,
-    model, row)`, if given, runs after each epoch's evaluation and may add entries to that epoch's history row
-    before it is checkpointed (distill records its loss terms and optional measurements this way).
+    device. The choice is recorded in the checkpoint's meta ("precision"). `compile_model` trains through
+    torch.compile(model), falling back to eager mode with a message if compilation fails. A run whose loss turns
+    non-finite or exceeds DIVERGENCE_FACTOR x max(1, first-step loss) stops with TrainingDiverged naming the epoch,
+    the step and the learning rate to lower (`lr_name`, e.g. "teacher_lr"); its partial checkpoint is removed, so
+    no diverged state is ever saved. `schedule="long"` is the "+240E" baselines' recipe instead: SGD (momentum
+    0.9) at `lr`, x0.1 at epochs 150, 180 and 210 of 240 (scaled to `epochs`); pass weight_decay=5e-4 for theirs.
+    `on_epoch_end(epoch, model, row)`, if given, runs after each epoch's evaluation and may add entries to that
+    epoch's history row before it is checkpointed (distill records its loss terms and optional measurements this way).
 
     Checkpoints record the content fingerprint of `data` (kdutils.data.fingerprint: both splits' images and labels)
     and where it came from (data.source). An existing checkpoint is resumed or reused only if it records the same
@@ -424,8 +424,8 @@ def fit(model: nn.Module, data: Dataset, *, epochs: int, lr: float, batch_size: 
         started = time.perf_counter()
         loss, train_acc, reference = train_epoch(
             step_loss, model, data, epoch, epochs=epochs, seed=seed, batch_size=batch_size, drop_last=drop_last,
-            steps=steps, augment=augment, precision=precision, device=device, opt=opt, sched=sched, scaler=scaler, desc=desc,
-            progress=progress, reference=reference, on_diverge=on_diverge)
+            steps=steps, augment=augment, precision=precision, device=device, opt=opt, sched=sched, scaler=scaler,
+            desc=desc, progress=progress, reference=reference, on_diverge=on_diverge)
         row = epoch_row(model, data, epoch, loss=loss, train_acc=train_acc, sched=sched, started=started, amp=amp)
         test_acc = row["test_acc"]     # as evaluated, whatever on_epoch_end does to the row
         if on_epoch_end is not None:
