@@ -42,9 +42,18 @@ def make_projectors(student_shapes: Sequence[Shape], teacher_shapes: Sequence[Sh
     return nn.ModuleList(convs)
 
 
+def flat_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`a` and `b` as 1-D tensors, element for element, in `a`'s memory order (NHWC for a channels_last map):
+    an elementwise loss over 4-D channels_last maps runs at a third of the speed of the same loss over 1-D views."""
+    if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last):
+        a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
+    return a.reshape(-1), b.reshape(-1)
+
+
 def feature_loss(student_feats: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                  projectors: nn.ModuleList) -> torch.Tensor:
-    """Mean over pairs of MSE(projector(student feature, pooled to the target's size), target), in float32.
+    """Mean over pairs of MSE(projector(student feature, pooled to the target's size), target): the projector runs
+    in the caller's autocast (it is part of the student), the MSE in float32.
 
     `targets` are teacher features already in map form and pooled (see :func:`teacher_targets`).
     """
@@ -54,8 +63,9 @@ def feature_loss(student_feats: Sequence[torch.Tensor], targets: Sequence[torch.
     losses = []
     for s, t, proj in zip(student_feats, targets, projectors):
         s = pool_to(s, t)                     # pool first: the 1x1 conv commutes with avg-pooling
+        projected = proj(s)                   # in the caller's autocast: the projector is part of the model
         with torch.autocast(s.device.type, enabled=False):
-            losses.append(F.mse_loss(proj(s.float()), t.float()))
+            losses.append(F.mse_loss(*flat_pair(projected.float(), t.float())))
     return torch.stack(losses).mean()
 
 
@@ -199,7 +209,7 @@ def _simkd_mse(projected: list[torch.Tensor], targets: list[torch.Tensor], modul
                s_shapes: Sequence[Shape], t_shapes: Sequence[Shape]) -> torch.Tensor:
     """The mean over the pairs of MSE(projected student feature, pooled teacher map), in float32."""
     with torch.autocast(projected[0].device.type, enabled=False):
-        return torch.stack([F.mse_loss(p.float(), t.float()) for p, t in zip(projected, targets)]).mean()
+        return torch.stack([F.mse_loss(*flat_pair(p.float(), t.float())) for p, t in zip(projected, targets)]).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -62,14 +62,15 @@ def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_sha
                  t_shapes: Sequence[Shape], want: dict[str, tuple], store: torch.device, device: torch.device,
                  batch_size: int, progress: bool, targets: Targets | None, precision: Precision
                  ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
-    """One pass of the teacher over the un-augmented train split (forward in `precision`): fp16 targets and/or
-    fp32 logits."""
+    """One pass of the teacher over the un-augmented train split (forward in `precision`): fp16 targets (maps in
+    channels_last when `precision` uses it, so the loss reads both sides in one layout) and/or fp32 logits."""
     n = data.num_train
     pin = store.type == "cpu" and device.type == "cuda"
     out: dict = {}
-    if "features" in want:
-        out["features"] = [torch.empty((n, *shape), dtype=torch.float16, device=store, pin_memory=pin)
-                           for shape in want["features"]]
+    if "features" in want:                              # maps stored in the layout the student's features use
+        out["features"] = [torch.empty((n, *shape), dtype=torch.float16, device=store, pin_memory=pin,
+                                       memory_format=torch.channels_last if precision.channels_last and len(shape) == 3
+                                       else torch.contiguous_format) for shape in want["features"]]
     if "logits" in want:
         out["logits"] = torch.empty((n, data.num_classes), dtype=torch.float32, device=store, pin_memory=pin)
     it = batches(data.x_train, data.y_train, batch_size, mean=data.mean, std=data.std, with_index=True)

@@ -127,3 +127,38 @@ def test_predict_and_the_teacher_cache_follow_amp():
         fill_teacher_cache(teacher, "resnet10_narrow", ds, "hinton_kd", cache=cache, device="cpu", amp=amp)
     logit_keys = [k for k in cache if isinstance(k, tuple) and k[-1] == "logits"]
     assert len(logit_keys) == (2 if precision_for("cpu").dtype is not None else 1)   # one entry per precision
+
+
+def test_flat_pair_matches_the_4d_loss_in_either_layout():
+    import torch.nn.functional as F
+    from kdutils.feature_losses import flat_pair
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 8, 3, 5), torch.randn(4, 8, 3, 5)
+    reference = F.mse_loss(a, b)
+    for a_cl in (False, True):
+        for b_cl in (False, True):
+            x = a.contiguous(memory_format=torch.channels_last) if a_cl else a
+            y = b.contiguous(memory_format=torch.channels_last) if b_cl else b
+            fx, fy = flat_pair(x, y)
+            assert fx.dim() == fy.dim() == 1
+            assert torch.allclose(F.mse_loss(fx, fy), reference, rtol=1e-6)
+            assert torch.equal(fx - fy, flat_pair(x - y, x - y)[0])    # element for element, not just the mean
+    x = a.contiguous(memory_format=torch.channels_last)
+    assert flat_pair(x, b)[0].data_ptr() == x.data_ptr()           # a channels_last map is viewed, not copied
+
+
+def test_cached_feature_maps_take_the_students_layout():
+    from kdutils.distill import fill_teacher_cache
+    from kdutils.models import build_model
+    ds = _digits_slice()
+    teacher = build_model("resnet18_narrow", 10, image_size=16).eval()
+    for amp in (False, True):
+        cache: dict = {}
+        fill_teacher_cache(teacher, "resnet10_narrow", ds, "feature_kd", cache=cache, device="cpu", amp=amp,
+                           teacher_layers=[5, 6, 7, 8])
+        maps = [t for k, e in cache.items() if isinstance(k, tuple) and k[-1] != "logits" and isinstance(e, dict)
+                and isinstance(e.get("tensors"), list) for t in e["tensors"] if t.dim() == 4]
+        assert maps, "no cached feature maps"
+        want_cl = amp and precision_for("cpu").channels_last
+        assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps) if want_cl else \
+            all(m.is_contiguous() for m in maps)
