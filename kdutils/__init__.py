@@ -20,8 +20,8 @@ The course's API -- what the notebooks call, by the notebook that teaches it (ev
 
 Modules, in the order the data flows through them: data and datasets (arrays, batches) -> models, layers (networks,
 generalized layers, hooks) -> precision, checkpoints, train (training) -> geometry, kq (knowledge quality) ->
-feature_maps, feature_losses, teacher_cache, monitor, distill (distillation) -> results, plots, result_plots, report,
-validation (what a run shows) -> presets, runtime, rundir, checks, notebook, pipeline, sweep_tasks, sweep (running
-the series: settings, run directories, the papermill runner, the Ray grid).
+feature_maps, feature_losses, teacher_cache, monitor, distill (distillation) -> stats, results, plots, result_plots,
+report, validation (what a run shows) -> presets, runtime, rundir, checks, notebook, pipeline, sweep_tasks, sweep
+(running the series: settings, run directories, the papermill runner, the Ray grid).
 """
 __version__ = "0.1.0"

@@ -1,11 +1,11 @@
 """Result tables, verdicts and summaries of a series' student runs: results.json and what is printed about it.
 
 summarize_runs turns per-epoch histories into results.json's per-method block (final and best accuracy, mean and
-sample std over seeds, curves, loss terms and monitor measurements); results_markdown tabulates it; verdicts and
-conflict_summary are the sentences notebook 5 prints (each method against CE and the two effects of the CPU study,
-judged against the seed spread; the measured gradient conflict). Called by notebook 5, kdutils.pipeline (results.md
-after a run), kdutils.sweep_tasks and kdutils.sweep (each combination's results), kdutils.report and
-benchmarks/cifar10_cpu.py.
+sample std over seeds, curves, loss terms and monitor measurements) and its "comparisons"; results_markdown
+tabulates it; verdicts and conflict_summary are the sentences notebook 5 prints (each method against CE and the two
+effects of the CPU study, each a paired difference over seeds with a 95% interval from kdutils.stats; the measured
+gradient conflict). Called by notebook 5, kdutils.pipeline (results.md after a run), kdutils.sweep_tasks and
+kdutils.sweep (each combination's results), kdutils.report and benchmarks/cifar10_cpu.py.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 from kdutils.distill import REGISTRY
+from kdutils.stats import paired_difference, verdict
 
 RESULTS_FILE = "results.json"
 
@@ -33,7 +34,8 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
     seconds per run, plus the per-run lists `final_acc`/`best_acc`, the mean test-accuracy curve `curve` and
     `epochs_to_ce_final`: the first epoch whose mean test accuracy reaches the CE student's final mean (None if never,
     or when there is no "ce" method). `precision` (kdutils.precision.record of what the runs trained in), if
-    given, is kept as "precision".
+    given, is kept as "precision". "comparisons" (:func:`comparisons`: paired differences over seeds with 95%
+    intervals) is added when every method ran the same number of seeds, `runs` listing them in the same seed order.
     """
     methods = {}
     for method, histories in runs.items():
@@ -66,10 +68,13 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
     for summary in methods.values():
         reached = [e for e, acc in zip(summary["epochs"], summary["curve"]) if target is not None and acc >= target]
         summary["epochs_to_ce_final"] = reached[0] if reached else None
-    return {"preset": preset, "dataset": dataset,
-            "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
-                        if k in teacher}, **({"precision": precision} if precision is not None else {}),
-            "methods": methods}
+    out = {"preset": preset, "dataset": dataset,
+           "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
+                       if k in teacher}, **({"precision": precision} if precision is not None else {}),
+           "methods": methods}
+    if all(summary["seeds"] == methods[next(iter(methods))]["seeds"] for summary in methods.values()):
+        out["comparisons"] = comparisons(out)          # paired over seeds: only when every method ran them all
+    return out
 
 
 def _nanmean(values: Sequence[float | None]) -> float | None:
@@ -178,24 +183,31 @@ EFFECTS = (("feature_kd", "standard_layers", "layer choice: KQ layers instead of
 
 
 def difference(results: dict, a: str, b: str) -> dict:
-    """Final-accuracy difference a - b (points), the seed spread it is judged against, and a verdict.
-
-    The spread is the larger of the two methods' sample stds; with fewer than 2 seeds on either side there is no
-    spread and the verdict says so instead of judging.
-    """
+    """Final-accuracy difference a - b in points: the mean of the per-seed differences, its 95% paired t interval
+    over seeds and the verdict it allows (kdutils.stats); a, b, n_seeds and the interval's method are kept."""
     ma, mb = results["methods"][a], results["methods"][b]
-    diff = 100 * (ma["final_acc_mean"] - mb["final_acc_mean"])
-    if min(ma["seeds"], mb["seeds"]) < 2:
-        return {"points": diff, "spread": None, "verdict": "one seed: no spread to judge it against"}
-    spread = 100 * max(ma["final_acc_std"], mb["final_acc_std"])
-    verdict = ("within the seed spread" if abs(diff) <= spread else
-               f"above {b} by more than the seed spread" if diff > 0 else f"below {b} by more than the seed spread")
-    return {"points": diff, "spread": spread, "verdict": verdict}
+    d = paired_difference([100 * v for v in ma["final_acc"]], [100 * v for v in mb["final_acc"]])
+    return {"a": a, "b": b, "points": d["mean_diff"], "low": d["low"], "high": d["high"], "n_seeds": d["n_seeds"],
+            "method": d["method"], "verdict": verdict(d, a, b)}
+
+
+def comparisons(results: dict, baseline: str = "ce") -> list[dict]:
+    """Every comparison the course states about a run: each method against `baseline`, then the layer-choice and
+    CE-removal effects (EFFECTS) whose methods ran; each a :func:`difference` (plus "what" for an effect)."""
+    m = results["methods"]
+    out = [difference(results, k, baseline) for k in m if k != baseline and baseline in m]
+    out += [{**difference(results, a, b), "what": what} for a, b, what in EFFECTS if a in m and b in m]
+    return out
+
+
+def _interval(d: dict) -> str:
+    """' [low, high]' of a difference, or '' without an interval."""
+    return "" if d["low"] is None else f", 95% CI [{d['low']:+.2f}, {d['high']:+.2f}]"
 
 
 def verdicts(results: dict, baseline: str = "ce") -> list[str]:
     """The sentences notebook 5 prints about a run: ranking, teacher vs student, each method against `baseline`
-    with its seed spread, and the layer-choice and CE-removal effects where their methods ran."""
+    with its paired interval, and the layer-choice and CE-removal effects where their methods ran."""
     m, teacher = results["methods"], results["teacher"]
     order = sorted(m, key=lambda k: -m[k]["final_acc_mean"])
     seeds = min(row["seeds"] for row in m.values())
@@ -209,11 +221,9 @@ def verdicts(results: dict, baseline: str = "ce") -> list[str]:
     for k in order:
         if k != baseline and baseline in m:
             d = difference(results, k, baseline)
-            spread = "" if d["spread"] is None else f", spread {d['spread']:.2f}"
-            lines.append(f"- {k}: {d['points']:+.2f} points vs {baseline} ({d['verdict']}{spread})")
+            lines.append(f"- {k}: {d['points']:+.2f} points vs {baseline}{_interval(d)}: {d['verdict']}")
     for a, b, what in EFFECTS:
         if a in m and b in m:
             d = difference(results, a, b)
-            spread = "" if d["spread"] is None else f"; seed spread {d['spread']:.2f}"
-            lines.append(f"Effect of {what}: {a} - {b} = {d['points']:+.2f} points ({d['verdict']}{spread}).")
+            lines.append(f"Effect of {what}: {a} - {b} = {d['points']:+.2f} points{_interval(d)}: {d['verdict']}.")
     return lines

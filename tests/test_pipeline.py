@@ -423,24 +423,26 @@ def _results(rows, teacher_acc=0.9):
     return summarize_runs(runs, teacher={"model": "t", "test_acc": teacher_acc}, preset="quick", dataset="d")
 
 
-def test_differences_and_verdicts_state_both_effects_with_their_spread():
+def test_differences_and_verdicts_state_both_effects_with_their_interval():
     results = _results({"ce": [0.50, 0.52], "feature_kd": [0.60, 0.62], "standard_layers": [0.55, 0.58],
                         "fitnets_kd_nokl": [0.56, 0.57], "feature_kd_ce": [0.40, 0.41]})
-    d = difference(results, "feature_kd", "ce")
-    assert d["points"] == pytest.approx(10.0) and d["spread"] == pytest.approx(100 * 0.02 / 2 ** 0.5)
-    assert d["verdict"] == "above ce by more than the seed spread"
-    assert difference(results, "standard_layers", "fitnets_kd_nokl")["verdict"] == "within the seed spread"
-    assert difference(results, "feature_kd_ce", "ce")["verdict"] == "below ce by more than the seed spread"
+    d = difference(results, "feature_kd", "ce")             # per-seed differences 10, 10: no spread at all
+    assert d["points"] == pytest.approx(10.0) and (d["low"], d["high"]) == pytest.approx((10.0, 10.0))
+    assert d["verdict"] == "feature_kd above ce (the interval excludes 0)"
+    tie = difference(results, "standard_layers", "fitnets_kd_nokl")   # -1, +1: t(0.975, 1) = 12.71
+    assert (tie["low"], tie["high"]) == pytest.approx((-12.706, 12.706), abs=1e-3)
+    assert tie["verdict"] == "cannot tell (the interval includes 0)"
+    assert difference(results, "feature_kd_ce", "ce")["verdict"] == "feature_kd_ce below ce (the interval excludes 0)"
     lines = verdicts(results)
     assert lines[0].startswith("Teacher t: 90.00%. Ranking by final-epoch accuracy (2 seeds): feature_kd 61.00%")
     assert any(line.startswith("Effect of layer choice") and "feature_kd - standard_layers = +4.50 points" in line
-               for line in lines)
+               and "95% CI" in line for line in lines)
     assert any(line.startswith("Effect of removing CE from the backbone, standard layers") and "+0.00" in line
-               for line in lines)
+               and "cannot tell" in line for line in lines)
     assert not any("not better than" in line for line in lines)
     one = _results({"ce": [0.9], "feature_kd": [0.8]}, teacher_acc=0.85)
     lines = verdicts(one)
-    assert "(1 seed)" in lines[0] and any("one seed: no spread" in line for line in lines)
+    assert "(1 seed)" in lines[0] and any("one seed: no interval" in line for line in lines)
     assert any("is not better than the ce student" in line for line in lines)
     assert "± 0.00" not in results_markdown(one)
 
