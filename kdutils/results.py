@@ -72,7 +72,7 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
            "teacher": {k: teacher[k] for k in ("model", "test_acc", "pretrained", "pretrained_requested")
                        if k in teacher}, **({"precision": precision} if precision is not None else {}),
            "methods": methods}
-    if all(summary["seeds"] == methods[next(iter(methods))]["seeds"] for summary in methods.values()):
+    if len({summary["seeds"] for summary in methods.values()}) == 1:
         out["comparisons"] = comparisons(out)          # paired over seeds: only when every method ran them all
     return out
 
@@ -201,7 +201,7 @@ def comparisons(results: dict, baseline: str = "ce") -> list[dict]:
 
 
 def _interval(d: dict) -> str:
-    """' [low, high]' of a difference, or '' without an interval."""
+    """', 95% CI [low, high]' of a difference, or '' without an interval."""
     return "" if d["low"] is None else f", 95% CI [{d['low']:+.2f}, {d['high']:+.2f}]"
 
 
