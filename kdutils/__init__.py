@@ -16,7 +16,7 @@ The course's API -- what the notebooks call, by the notebook that teaches it (ev
     distill.gradient_flow                  4: which loss term reaches which parameters
     results.summarize_runs, results.verdicts   5: results.json and what it says
     result_plots.plot_result_panel         5: the paper's result figure with its ARI
-    validation.single_layer_sweep, validation.rank_correlations, validation.compare_selections   6: does KQ pick well?
+    validation.swap_sweep, validation.rank_correlations, validation.predictor_differences, validation.compare_selections   6: does KQ pick well?
 
 Modules, in the order the data flows through them: data and datasets (arrays, batches) -> models, layers (networks,
 generalized layers, hooks) -> precision, checkpoints, train (training) -> geometry, kq (knowledge quality) ->

@@ -447,8 +447,9 @@ def plot_feature_distance(results: dict, *, metric: str = "feature_mse", title: 
 
 def plot_value_vs_score(values: pd.DataFrame, scores: pd.DataFrame, score: str = "quality", *,
                         selected: Sequence[int] = (), title: str | None = None) -> Figure:
-    """Each teacher layer's measured value (validation accuracy of the single-layer sweep, mean +- std over seeds)
-    against a score, the points labelled by layer index and the selected layers circled."""
+    """Each teacher layer's measured value (notebook 6's swap sweep: change in validation accuracy against its stage's
+    standard layer, in points, mean +- std over seeds) against a score, the points labelled by layer index, the
+    zero line (the standard layers) drawn and the selected layers circled."""
     layers = list(values.index)
     x = scores.loc[layers, score].astype(float).to_numpy()
     y = 100 * values["value"].to_numpy(dtype=float)
@@ -461,7 +462,8 @@ def plot_value_vs_score(values: pd.DataFrame, scores: pd.DataFrame, score: str =
         if t in set(selected):
             ax.plot([xi], [yi], "o", ms=13, mfc="none", mec="red", mew=1.5)
     ax.set_xlabel(KQ_STYLE[score][0] if score in KQ_STYLE else score)
-    ax.set_ylabel("layer's value: student val. accuracy (%)")
+    ax.axhline(0, color="black", lw=0.8, alpha=0.6)
+    ax.set_ylabel("value: change in val. accuracy vs\nthe stage's standard layer (points)")
     ax.grid(alpha=0.3)
     if len(selected):
         ax.plot([], [], "o", ms=11, mfc="none", mec="red", mew=1.5, label="selected (top-k by this score)")

@@ -1,10 +1,14 @@
 """Does knowledge quality pick the right teacher layers? The measurements of notebook 6.
 
-A layer's *value* as a distillation target is measured directly: the student is trained CE-free (the `feature_kd`
-recipe) with one pair, its last distillation layer <- teacher layer t, and scored on a validation split held out
-from the training images (never the test split). Spearman's rank correlation then says how well each score (S, I,
-E, sqrt(IE), Q, a linear probe, depth) orders the layers by that value, and top-k selections by each score are
-trained under the same recipe and seeds and compared on the test split.
+A layer's *value* as a distillation target is measured inside the real recipe, so that it is not built from the
+layer's depth: the student is trained CE-free (the `feature_kd` recipe) with the teacher's standard layers (one per
+stage, paired with the student's k deepest standard layers), once as they are and once with teacher layer t swapped
+into the slot of its own stage; the value of t is the paired change in validation accuracy (same seed, init and data
+order), scored on a split held out from the training images (never the test split). A standard layer's value is 0
+by construction. Spearman's rank correlation then says how well each score (S, I, E, sqrt(IE), Q, a linear probe,
+depth) orders the layers by that value; predictors are compared by a bootstrap of the difference of their rhos, and
+top-k selections by each score are trained under the same recipe and seeds and compared on the test split with
+paired differences over seeds (kdutils.stats).
 
 Called by notebook 6 (06_validate_kq: the sweep, the correlations, the selections and their summary) and the tests;
 its runs go through kdutils.distill.distill.
@@ -18,11 +22,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 import torch.nn as nn
-from scipy import stats
+from scipy import stats as sps
 
 from kdutils.data import Dataset
 from kdutils.distill import distill
 from kdutils.kq import top_k  # noqa: F401  (notebook 6 imports it from here)
+from kdutils.stats import paired_difference, verdict
 
 # Scores a layer can be ranked by: the paper's four (kdutils.kq), a linear probe and depth.
 PREDICTORS = {"quality": "Q = S + sqrt(IE)", "separation": "S", "information": "I", "efficiency": "E",
@@ -30,6 +35,8 @@ PREDICTORS = {"quality": "Q = S + sqrt(IE)", "separation": "S", "information": "
 # KQ computed on other samples (notebook 6's memorisation test), by column name.
 VIEWS = {"quality_train_small": "Q, training sample of the validation size", "quality_val": "Q, validation images",
          "separation_val": "S, validation images", "sqrt_ie_val": "sqrt(IE), validation images"}
+BOOTSTRAP_METHOD = "percentile bootstrap over layers and, within each layer, seeds"
+Q_RULE = "Q (the paper)"
 
 
 def held_out_view(val: Dataset) -> Dataset:
@@ -46,35 +53,68 @@ def _run(teacher: nn.Module, student: str, data: Dataset, teacher_layers: Sequen
                    progress=progress, **recipe)
 
 
-def single_layer_sweep(teacher: nn.Module, student: str, val_data: Dataset, layers: Sequence[int],
-                       student_layer: int, seeds: Sequence[int], *, recipe: dict, cache: dict | None = None,
-                       checkpoint_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
-    """Each teacher layer's value as a target: for every layer t and seed, a CE-free student with the single pair
-    (student_layer <- t), trained on val_data's training split and scored on its test split (the validation
-    images). `recipe` holds distill's epochs, lr, weight_decay, schedule, batch_size, augment. Runs are
-    checkpointed in checkpoint_dir (layer{t}-seed{s}.pt), so an interrupted sweep resumes. Returns one row per
-    (layer, seed): final and best validation accuracy."""
+def stage_slot(layer: int, base: Sequence[int]) -> int:
+    """The slot of `base` (sorted teacher layers, one per stage) that teacher layer `layer` belongs to: the first
+    base layer at or after it, or the last slot for a layer beyond the deepest one."""
+    return next((j for j, b in enumerate(base) if layer <= b), len(base) - 1)
+
+
+def swapped(layer: int, base: Sequence[int]) -> list[int]:
+    """`base` with the layer of `layer`'s stage replaced by `layer` (base itself for a base layer)."""
+    out = list(base)
+    out[stage_slot(layer, base)] = int(layer)
+    return out
+
+
+def swap_sweep(teacher: nn.Module, student: str, val_data: Dataset, layers: Sequence[int], base_layers: Sequence[int],
+               student_layers: Sequence[int], seeds: Sequence[int], *, recipe: dict, cache: dict | None = None,
+               checkpoint_dir: str | Path | None = None, progress: bool = True) -> pd.DataFrame:
+    """Each teacher layer's value in its stage's slot: per seed, one CE-free run with the pairs
+    (student_layers <- base_layers) and one per layer t with t swapped into its stage's slot (swapped), trained on
+    val_data's training split and scored on its test split (the validation images). `recipe` holds distill's epochs,
+    lr, weight_decay, schedule, batch_size, augment. Runs are checkpointed in checkpoint_dir (base-seed{s}.pt,
+    swap{t}-seed{s}.pt), so an interrupted sweep resumes. Returns one row per (layer, seed): its slot and layers,
+    final and best validation accuracy, the base run's final accuracy and delta = val_final - base_final."""
+    if len(base_layers) != len(student_layers):
+        raise ValueError(f"the base set {list(base_layers)} and the student layers {list(student_layers)} must pair "
+                         f"one to one; pass as many teacher standard layers as student layers (k).")
     cache = {} if cache is None else cache
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
+    ck = lambda name: folder / name if folder is not None else None  # noqa: E731
     rows = []
     for seed in seeds:
+        print(f"--- base: teacher layers {list(base_layers)} -> student layers {list(student_layers)}, seed {seed}",
+              flush=True)
+        base = _run(teacher, student, val_data, base_layers, student_layers, seed, ck(f"base-seed{seed}.pt"), recipe,
+                    cache, progress)
         for t in layers:
-            print(f"--- teacher layer {t} -> student layer {student_layer}, seed {seed}", flush=True)
-            ck = folder / f"layer{t}-seed{seed}.pt" if folder is not None else None
-            history = _run(teacher, student, val_data, [t], [student_layer], seed, ck, recipe, cache, progress)
-            rows.append({"layer": int(t), "seed": int(seed), "val_final": history[-1]["test_acc"],
-                         "val_best": max(h["test_acc"] for h in history)})
+            chosen = swapped(t, base_layers)
+            if chosen == list(base_layers):
+                history = base
+            else:
+                print(f"--- teacher layer {t} in slot {stage_slot(t, base_layers)}: {chosen}, seed {seed}", flush=True)
+                history = _run(teacher, student, val_data, chosen, student_layers, seed, ck(f"swap{t}-seed{seed}.pt"),
+                               recipe, cache, progress)
+            final, base_final = history[-1]["test_acc"], base[-1]["test_acc"]
+            rows.append({"layer": int(t), "seed": int(seed), "slot": stage_slot(t, base_layers), "teacher_layers": chosen,
+                         "val_final": final, "val_best": max(h["test_acc"] for h in history),
+                         "base_final": base_final, "delta": final - base_final})
     return pd.DataFrame(rows)
 
 
 def layer_values(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per layer: mean and sample std over seeds of the final and best validation accuracy of the sweep."""
-    grouped = sweep.groupby("layer")
-    out = pd.DataFrame({"value": grouped["val_final"].mean(), "value_std": grouped["val_final"].std(),
-                        "best": grouped["val_best"].mean(), "seeds": grouped.size()})
-    return out
+    """Per layer: its value (the mean paired change in final validation accuracy against the base set), the paired
+    t interval of that change over seeds (NaN with one seed), its sample std, slot, mean accuracy and seeds."""
+    rows = {}
+    for t, g in sweep.groupby("layer"):
+        d = paired_difference(list(g["val_final"]), list(g["base_final"]))
+        nan = lambda v: float("nan") if v is None else v  # noqa: E731
+        rows[int(t)] = {"value": d["mean_diff"], "low": nan(d["low"]), "high": nan(d["high"]),
+                        "value_std": float(g["delta"].std()) if len(g) > 1 else float("nan"),
+                        "slot": int(g["slot"].iloc[0]), "val_acc": float(g["val_final"].mean()), "seeds": len(g)}
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("layer")
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
@@ -82,40 +122,99 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    return float(stats.spearmanr(x, y).statistic)
+    return float(sps.spearmanr(x, y).statistic)
+
+
+def _row_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Spearman's rho of each row of x (draws, layers) with the same row of y (average ranks for ties; NaN for a
+    constant row)."""
+    rx, ry = sps.rankdata(x, axis=1), sps.rankdata(y, axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    den = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (rx * ry).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _bootstrap(sweep: pd.DataFrame, scores: pd.DataFrame, predictors: list[str], n_boot: int,
+               seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The layers' values and, per predictor, n_boot bootstrap rhos: layers resampled with replacement and, within
+    each resampled layer, its seeds (both the choice of layers and the seed noise of their values). Every predictor
+    sees the same draws, so differences of rhos are paired."""
+    layers = sorted(sweep["layer"].unique())
+    per_seed = np.stack([sweep.loc[sweep["layer"] == t].sort_values("seed")["delta"].to_numpy(dtype=float)
+                         for t in layers])                                   # (layers, seeds)
+    value = per_seed.mean(1)
+    rng = np.random.default_rng(seed)
+    n, s = per_seed.shape
+    pick = rng.integers(0, n, (n_boot, n))
+    seed_pick = rng.integers(0, s, (n_boot, n, s))
+    v = per_seed[pick[..., None], seed_pick].mean(-1)                       # (draws, layers)
+    table = scores.loc[layers, predictors].to_numpy(dtype=float)
+    return value, {p: _row_spearman(table[pick, j], v) for j, p in enumerate(predictors)}
+
+
+def _quantiles(d: np.ndarray, level: float) -> tuple[float, float]:
+    """The percentile interval of the finite draws (NaN when there are none)."""
+    d = d[np.isfinite(d)]
+    if not d.size:
+        return float("nan"), float("nan")
+    alpha = (1 - level) / 2
+    return float(np.quantile(d, alpha)), float(np.quantile(d, 1 - alpha))
 
 
 def rank_correlations(sweep: pd.DataFrame, scores: pd.DataFrame, predictors: Sequence[str] | None = None, *,
                       n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
-    """Spearman's rho between each layer's value (mean final validation accuracy over seeds) and each predictor
-    column of `scores` (indexed by layer), with a percentile bootstrap interval.
-
-    The bootstrap resamples layers with replacement and, when the sweep has several seeds, each resampled layer's
-    seeds too (a two-level bootstrap: both the choice of layers and the seed noise of their values). With few
-    layers the interval is wide: it is an honest statement of how little a handful of layers can show.
-    """
+    """Spearman's rho between each layer's value (the mean paired change of swap_sweep) and each predictor column
+    of `scores` (indexed by layer), with a percentile bootstrap interval (_bootstrap). With few layers the interval
+    is wide: it is an honest statement of how little a handful of layers can show."""
     predictors = [p for p in (predictors or PREDICTORS) if p in scores.columns]
+    value, draws = _bootstrap(sweep, scores, predictors, n_boot, seed)
     layers = sorted(sweep["layer"].unique())
-    per_layer = {t: sweep.loc[sweep["layer"] == t, "val_final"].to_numpy(dtype=float) for t in layers}
-    value = np.array([per_layer[t].mean() for t in layers])
-    table = scores.loc[layers, predictors].astype(float)
-    rng = np.random.default_rng(seed)
-    draws = {p: [] for p in predictors}
-    for _ in range(n_boot):
-        pick = rng.integers(0, len(layers), len(layers))
-        v = np.array([rng.choice(per_layer[layers[i]], len(per_layer[layers[i]])).mean() for i in pick])
-        for p in predictors:
-            rho = spearman(table[p].to_numpy()[pick], v)
-            if not np.isnan(rho):
-                draws[p].append(rho)
-    alpha = (1 - level) / 2
     rows = []
     for p in predictors:
-        d = np.asarray(draws[p])
-        rows.append({"predictor": p, "score": {**PREDICTORS, **VIEWS}.get(p, p), "spearman": spearman(table[p], value),
-                     "ci_low": float(np.quantile(d, alpha)) if d.size else float("nan"),
-                     "ci_high": float(np.quantile(d, 1 - alpha)) if d.size else float("nan"),
+        low, high = _quantiles(draws[p], level)
+        rows.append({"predictor": p, "score": {**PREDICTORS, **VIEWS}.get(p, p),
+                     "spearman": spearman(scores.loc[layers, p], value), "ci_low": low, "ci_high": high,
                      "layers": len(layers)})
+    return pd.DataFrame(rows).set_index("predictor")
+
+
+def _rho_verdict(low: float, high: float, a: str, b: str) -> str:
+    """What an interval for rho(a) - rho(b) allows one to say: a direction only when it excludes zero."""
+    if np.isnan(low):
+        return "no interval: cannot tell"
+    if low > 0:
+        return f"{a} orders the layers better than {b} (the interval excludes 0)"
+    if high < 0:
+        return f"{a} orders the layers worse than {b} (the interval excludes 0)"
+    return "cannot tell (the interval includes 0)"
+
+
+def predictor_differences(sweep: pd.DataFrame, scores: pd.DataFrame, against: str = "quality",
+                          predictors: Sequence[str] | None = None, *, n_boot: int = 2000, seed: int = 0,
+                          level: float = 0.95) -> pd.DataFrame:
+    """rho(against) - rho(p) for every other predictor p, with a paired percentile bootstrap interval (the same
+    resampled layers and seeds for both rhos) and the verdict it allows: a direction only when the interval
+    excludes zero."""
+    predictors = [p for p in (predictors or PREDICTORS) if p in scores.columns]
+    if against not in predictors:
+        predictors = [against, *predictors]
+    value, draws = _bootstrap(sweep, scores, predictors, n_boot, seed)
+    layers = sorted(sweep["layer"].unique())
+    rho = {p: spearman(scores.loc[layers, p], value) for p in predictors}
+    names = {**PREDICTORS, **VIEWS}
+    a = names.get(against, against)
+    rows = []
+    for p in predictors:
+        if p == against:
+            continue
+        low, high = _quantiles(draws[against] - draws[p], level)
+        diff = rho[against] - rho[p]
+        said = ("undefined: a rho is undefined (a constant score or constant values)" if np.isnan(diff)
+                else _rho_verdict(low, high, a, names.get(p, p)))
+        rows.append({"predictor": p, "a": a, "b": names.get(p, p), "rho_a": rho[against], "rho_b": rho[p],
+                     "diff": diff, "ci_low": low, "ci_high": high, "n_boot": n_boot, "method": BOOTSTRAP_METHOD,
+                     "verdict": said})
     return pd.DataFrame(rows).set_index("predictor")
 
 
@@ -125,7 +224,8 @@ def compare_selections(teacher: nn.Module, student: str, data: Dataset, selectio
                        progress: bool = True) -> pd.DataFrame:
     """Train each distinct layer selection CE-free (feature_kd's recipe, the same seeds) on data's training split
     and score it on the test split. Identical selections share one set of runs. Returns one row per selection:
-    its layers, the names that chose them, final and best test accuracy (mean, sample std over seeds)."""
+    its layers, the names that chose them, final and best test accuracy (mean, sample std over seeds) and the
+    per-seed final accuracies (final_acc, in seed order, for paired comparisons)."""
     cache = {} if cache is None else cache
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if folder is not None:
@@ -149,6 +249,35 @@ def compare_selections(teacher: nn.Module, student: str, data: Dataset, selectio
     return pd.DataFrame(rows)
 
 
+def stagewise_best(values: pd.DataFrame, base: Sequence[int]) -> list[int]:
+    """The validation oracle of the swap protocol: in every stage's slot, the layer of highest measured value (the
+    base layer, value 0, when no swap beat it; ties go to the base layer, then the shallower one)."""
+    out = []
+    for j, b in enumerate(base):
+        candidates = {int(t): float(v) for t, v in values.loc[values["slot"] == j, "value"].items()}
+        candidates.setdefault(int(b), 0.0)
+        out.append(max(candidates, key=lambda t: (candidates[t], t == b, -t)))
+    return out
+
+
+def selection_comparisons(compared: pd.DataFrame, against: str = Q_RULE) -> list[dict]:
+    """Every other distinct selection against the one chosen by `against` (Q's): the paired difference over seeds
+    of final test accuracy, in points, with its 95% interval and verdict (kdutils.stats)."""
+    mine = compared[compared["chosen by"].str.split(", ").apply(lambda names: against in names)]
+    if mine.empty:
+        return []
+    q = mine.iloc[0]
+    out = []
+    for _, r in compared.iterrows():
+        if r["chosen by"] == q["chosen by"]:
+            continue
+        d = paired_difference([100 * v for v in r["final_acc"]], [100 * v for v in q["final_acc"]])
+        out.append({"a": r["chosen by"], "b": q["chosen by"], "layers_a": list(r["layers"]),
+                    "layers_b": list(q["layers"]), "points": d["mean_diff"], "low": d["low"], "high": d["high"],
+                    "n_seeds": d["n_seeds"], "method": d["method"], "verdict": verdict(d, r["chosen by"], against)})
+    return out
+
+
 # Two selections (or predictors) tie when their means are equal to this tolerance (float sums over seeds).
 TIE_TOLERANCE = 1e-9
 
@@ -158,7 +287,7 @@ def _undefined_rho(values: pd.DataFrame) -> str:
     constant over the swept layers."""
     v = values["value"].to_numpy(dtype=float)
     if len(v) and np.ptp(v) == 0:
-        return f"undefined: every swept layer has the same value ({v[0]:.2%}), so there is no order to predict"
+        return "undefined: every swept layer has the same value, so there is no order to predict"
     return "undefined: the score is the same for every swept layer, so it orders none of them"
 
 
@@ -169,103 +298,90 @@ def _rho(row: "pd.Series | tuple", values: pd.DataFrame, interval: bool = True) 
     return f"{row.spearman:+.2f}" + (f" [{row.ci_low:+.2f}, {row.ci_high:+.2f}]" if interval else "")
 
 
-def summary_lines(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,
-                  compared: pd.DataFrame, rules: dict[str, Sequence[int]], *, seeds: int, held_out: bool) -> list[str]:
-    """The sentences notebook 6 prints: the most valuable layers, which predictor orders them best (and whether the
-    intervals separate it from Q), what KQ on unseen images changes, and how the selections compare on test.
+def _points(v: float) -> str:
+    """A change in accuracy as printed, in points."""
+    return f"{100 * v:+.2f}"
 
-    A tie is a tie: selections (or predictors) whose means are equal (to TIE_TOLERANCE) tie, and none of them is
-    called the best; a gap within the seed spread is reported as such. An undefined (NaN) correlation says why:
-    the layer values, or the score, are constant over the swept layers.
-    """
+
+def summary_lines(values: pd.DataFrame, correlations: pd.DataFrame, differences: pd.DataFrame,
+                  held_correlations: pd.DataFrame, compared: pd.DataFrame, comparisons: list[dict],
+                  rules: dict[str, Sequence[int]], *, seeds: int, held_out: bool) -> list[str]:
+    """The sentences notebook 6 prints: the layers whose swap helps most, each predictor's rho, whether the
+    bootstrap of the difference of rhos separates any predictor from Q, what KQ on unseen images changes, and how
+    the selections compare with Q's on test (paired differences over seeds). A tie is a tie: a verdict is stated
+    only when its interval excludes zero; an undefined (NaN) correlation says why."""
     lines = []
     ranked = values["value"].sort_values(ascending=False)
     if len(ranked) > 1 and np.ptp(ranked.to_numpy(dtype=float)) == 0:
-        lines.append(f"Every swept teacher layer has the same value ({ranked.iloc[0]:.2%} validation accuracy, "
-                     f"{seeds} seed(s)): this run cannot rank the layers (more epochs or a larger validation split "
-                     f"may separate them).")
+        lines.append(f"Every swept teacher layer has the same value ({_points(ranked.iloc[0])} points against the "
+                     f"standard layers, {seeds} seed(s)): this run cannot rank the layers (more epochs or a larger "
+                     f"validation split may separate them).")
     else:
-        lines.append(f"Most valuable single teacher layers (validation accuracy, {seeds} seed(s)): " +
-                     ", ".join(f"{t} ({v:.2%})" for t, v in ranked.head(4).items()) +
-                     f"; least: {ranked.index[-1]} ({ranked.iloc[-1]:.2%}).")
+        lines.append(f"Largest values (change in validation accuracy when the layer replaces its stage's standard "
+                     f"layer, points, {seeds} seed(s)): " +
+                     ", ".join(f"{t} ({_points(v)})" for t, v in ranked.head(4).items()) +
+                     f"; smallest: {ranked.index[-1]} ({_points(ranked.iloc[-1])}).")
     valid = correlations.dropna(subset=["spearman"])
     undefined = correlations[correlations["spearman"].isna()]
-    q = correlations.loc["quality"] if "quality" in correlations.index else None
     if valid.empty:
         lines.append(f"Spearman's rho with the value is {_undefined_rho(values)} (every score's rho).")
     else:
         lines.append("Spearman's rho with the value: " + ", ".join(
             f"{row.score} {_rho(row, values)}" for row in valid.sort_values("spearman", ascending=False).itertuples())
             + (f"; {', '.join(undefined['score'])}: {_undefined_rho(values)}" if len(undefined) else "") + ".")
-        top = valid["spearman"].max()
-        leaders = valid[np.isclose(valid["spearman"], top, rtol=0, atol=TIE_TOLERANCE)]
-        if q is None or np.isnan(q.spearman):
-            pass                                   # Q's line above says why it has no rho
-        elif "quality" not in leaders.index:
-            b = correlations.loc[valid["spearman"].idxmax()]
-            apart = b.ci_low > q.spearman or q.ci_high < b.spearman
-            lines.append(f"Here {b.score} orders the layers better than Q ({b.spearman:+.2f} vs {q.spearman:+.2f}); "
-                         + ("its interval lies clear of Q's estimate: a finding for this teacher and budget, to be "
-                            "checked at the paper's scale." if apart else
-                            "the intervals overlap, so this study cannot tell the two apart."))
-        elif len(leaders) > 1:
-            others = ", ".join(s for p, s in leaders["score"].items() if p != "quality")
-            lines.append(f"Q ties with {others} as the best predictor here (rho {q.spearman:+.2f} each).")
-        else:
-            lines.append(f"Q is the best predictor here ({q.spearman:+.2f}).")
+    if len(differences):
+        lines.append("Q against each predictor, rho(Q) - rho(other) with its 95% bootstrap interval: " + "; ".join(
+            f"{r.b}: undefined (a rho is undefined)" if np.isnan(r.diff) else
+            f"{r.b} {r.diff:+.2f}" + ("" if np.isnan(r.ci_low) else f" [{r.ci_low:+.2f}, {r.ci_high:+.2f}]")
+            + f" ({r.verdict})" for r in differences.itertuples()) + ".")
+        better = [r.b for r in differences.itertuples() if "worse than" in r.verdict]
+        worse = [r.b for r in differences.itertuples() if "better than" in r.verdict]
+        if better:
+            lines.append(f"Q orders this teacher's layers worse than {', '.join(better)}: the interval of the "
+                         f"difference excludes 0 (a finding for this teacher and budget).")
+        if worse:
+            lines.append(f"Q orders this teacher's layers better than {', '.join(worse)} (the interval excludes 0).")
+        if not better and not worse:
+            lines.append("No predictor is separated from Q by this study: every interval of the difference "
+                         "includes 0 (or is undefined), so it cannot say which orders the layers better.")
     if "quality_val" in held_correlations.index:
         small, unseen = held_correlations.loc["quality_train_small"], held_correlations.loc["quality_val"]
         where = "images the teacher never trained on" if held_out else "images the teacher trained on (val_fraction 0)"
         lines.append(f"KQ on the validation split ({where}): rho {_rho(unseen, values, False)} vs "
                      f"{_rho(small, values, False)} on a training sample of the same size; top-k "
-                     f"{list(rules.get('Q on validation images', []))} vs {list(rules.get('Q (the paper)', []))} on "
+                     f"{list(rules.get('Q on validation images', []))} vs {list(rules.get(Q_RULE, []))} on "
                      f"notebook 3's sample.")
     spread = lambda r: "" if np.isnan(r.test_final_std) else f" ± {r.test_final_std:.2%}"  # noqa: E731
-    lines.append("Top-k selections on the test split (final epoch): " + "; ".join(
-        f"{r['chosen by']} {r.layers}: {r.test_final:.2%}{spread(r)}"
-        for _, r in compared.sort_values("test_final", ascending=False).iterrows()) + ".")
-    q_row = compared[compared["chosen by"].str.contains("Q \\(the paper\\)", regex=True)]
-    if not q_row.empty:
-        lines.append(_selection_verdict(compared, q_row.iloc[0], seeds))
+    lines.append("Top-k selections on the test split (final epoch, mean" + (" ± std" if seeds > 1 else "") +
+                 f" over {seeds} seed(s)): " + "; ".join(
+                     f"{r['chosen by']} {r.layers}: {r.test_final:.2%}{spread(r)}"
+                     for _, r in compared.sort_values("test_final", ascending=False).iterrows()) + ".")
+    if len(compared) > 1 and np.ptp(compared["test_final"].to_numpy(dtype=float)) <= TIE_TOLERANCE:
+        lines.append(f"Every selection scores the same ({compared['test_final'].iloc[0]:.2%}): a tie, so this run "
+                     f"cannot tell the selections apart.")
+    elif comparisons:
+        lines.append("Each selection against Q's, paired over seeds (points of final test accuracy): " + "; ".join(
+            f"{c['a']} {c['points']:+.2f}" + ("" if c["low"] is None else f" [{c['low']:+.2f}, {c['high']:+.2f}]")
+            + f" ({c['verdict']})" for c in comparisons) + ".")
+    elif len(compared) == 1:
+        lines.append("Every rule chose the same layers: there is nothing to compare Q's selection with.")
     return lines
 
 
-def _selection_verdict(compared: pd.DataFrame, q: pd.Series, seeds: int) -> str:
-    """How Q's selection compares with the others on test: best, tied (equal means), or beaten, and whether the
-    gap exceeds the seed spread (the larger sample std of the two)."""
-    best_acc = compared["test_final"].max()
-    tied = compared[np.isclose(compared["test_final"], best_acc, rtol=0, atol=TIE_TOLERANCE)]
-    noise = lambda a, b: 100 * max(np.nan_to_num(a.test_final_std), np.nan_to_num(b.test_final_std))  # noqa: E731
-    judged = lambda gap, a, b: (" (one seed: no spread to judge it)" if seeds < 2 else  # noqa: E731
-                                f", {'more' if gap > noise(a, b) else 'less'} than the seed spread "
-                                f"({noise(a, b):.2f})")
-    if len(compared) > 1 and len(tied) == len(compared):
-        return (f"Every selection scores the same ({best_acc:.2%}): a tie (equal mean final test accuracy), so this "
-                f"run cannot tell the selections apart.")
-    if not np.isclose(q.test_final, best_acc, rtol=0, atol=TIE_TOLERANCE):
-        best = compared.loc[compared["test_final"].idxmax()]
-        gap = 100 * (best.test_final - q.test_final)
-        return f"The best selection ({best['chosen by']}) beats Q's by {gap:.2f} points" + judged(gap, best, q) + "."
-    if len(tied) > 1:
-        others = "; ".join(r["chosen by"] for _, r in tied.iterrows() if r["chosen by"] != q["chosen by"])
-        return (f"Q's selection ties for the best with {others} ({best_acc:.2%} each: equal mean final test "
-                f"accuracy), so it is not the best one alone.")
-    if len(compared) == 1:
-        return f"Q's selection is the only distinct one ({q['chosen by']}): there is nothing to compare it with."
-    runner_up = compared.drop(index=q.name).sort_values("test_final", ascending=False).iloc[0]
-    gap = 100 * (q.test_final - runner_up.test_final)
-    return (f"Q's selection is the best one, {gap:.2f} points ahead of {runner_up['chosen by']}"
-            + judged(gap, q, runner_up) + ".")
-
-
-def results_block(values: pd.DataFrame, correlations: pd.DataFrame, held_correlations: pd.DataFrame,
-                  compared: pd.DataFrame, rules: dict[str, Sequence[int]], config: dict) -> dict:
-    """The `kq_validation` block of results.json: per-layer values, correlations, selections and their accuracies."""
+def results_block(values: pd.DataFrame, correlations: pd.DataFrame, differences: pd.DataFrame,
+                  held_correlations: pd.DataFrame, compared: pd.DataFrame, comparisons: list[dict],
+                  rules: dict[str, Sequence[int]], config: dict, base_layers: Sequence[int]) -> dict:
+    """The `kq_validation` block of results.json: the protocol, per-layer values, correlations and their paired
+    differences, selections, their accuracies and their paired comparisons with Q's."""
     clean = lambda v: None if isinstance(v, float) and np.isnan(v) else v  # noqa: E731
     table = lambda df: {str(i): {k: clean(v) for k, v in row.items()} for i, row in df.to_dict("index").items()}  # noqa: E731
     seeds = config["seeds"][:config.get("validation_seeds", len(config["seeds"]))]
-    return {"seeds": list(seeds), "epochs": config["validation_epochs"], "k": config["k"],
+    return {"protocol": "swap: a teacher layer replaces its stage's standard layer; value = paired change in final "
+                        "validation accuracy", "base_layers": list(map(int, base_layers)),
+            "seeds": list(seeds), "epochs": config["validation_epochs"], "k": config["k"],
             "val_fraction": config["val_fraction"], "layer_values": table(values),
-            "correlations": table(correlations), "held_out_correlations": table(held_correlations),
+            "correlations": table(correlations), "predictor_differences": table(differences),
+            "held_out_correlations": table(held_correlations),
             "selections": {name: list(map(int, layers)) for name, layers in rules.items()},
-            "selection_accuracy": [{k: clean(v) for k, v in row.items()} for row in compared.to_dict("records")]}
+            "selection_accuracy": [{k: clean(v) for k, v in row.items()} for row in compared.to_dict("records")],
+            "comparisons": comparisons}

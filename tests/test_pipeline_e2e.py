@@ -62,7 +62,12 @@ def check_validation(block, config):
     swept = (list(range(generalized_layer_count(config["teacher"]))) if config["validation_layers"] == "all"
              else sorted(config["validation_layers"]))
     assert sorted(map(int, block["layer_values"])) == swept
-    assert all(0 <= v["value"] <= 1 and v["seeds"] == config["validation_seeds"] for v in block["layer_values"].values())
+    assert all(-1 <= v["value"] <= 1 and v["seeds"] == config["validation_seeds"] for v in block["layer_values"].values())
+    base = [str(t) for t in block["base_layers"] if str(t) in block["layer_values"]]
+    assert all(block["layer_values"][t]["value"] == 0 for t in base)          # a standard layer against itself
+    assert {"depth", "separation"} <= set(block["predictor_differences"]) and "quality" not in block["predictor_differences"]
+    assert len(block["comparisons"]) == len(block["selection_accuracy"]) - 1
+    assert all(c["b"].startswith("Q (the paper)") and c["n_seeds"] == config["validation_seeds"] for c in block["comparisons"])
     assert {"quality", "separation", "information", "efficiency", "sqrt_ie", "probe_acc", "depth"} <= set(
         block["correlations"])
     assert all(-1 <= c["spearman"] <= 1 for c in block["correlations"].values() if c["spearman"] is not None)

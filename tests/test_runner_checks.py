@@ -221,43 +221,52 @@ def test_too_many_validation_seeds_name_the_fix():
 # ------------------------------------------------------------------------------------------------------------
 # item 11: notebook 6 on ties and undefined correlations
 
-def _study(values, finals, stds, q_rho=0.5):
+def _study(values, finals, per_seed=None, q_rho=0.5):
     """Notebook 6's tables for given layer values and selection accuracies (the first selection is Q's)."""
     layers = range(len(values))
-    table = pd.DataFrame({"value": values, "value_std": 0.0, "best": values, "seeds": 2}, index=pd.Index(layers))
+    table = pd.DataFrame({"value": values, "low": values, "high": values, "value_std": 0.0, "slot": 0,
+                          "val_acc": 0.5, "seeds": 2}, index=pd.Index(layers))
     corr = pd.DataFrame({"score": ["Q = S + sqrt(IE)", "depth", "E"], "spearman": [q_rho, 0.5, float("nan")],
                          "ci_low": [0.1, 0.1, float("nan")], "ci_high": [0.9, 0.9, float("nan")], "layers": 4},
                         index=["quality", "depth", "efficiency"])
+    diff = pd.DataFrame({"a": "Q = S + sqrt(IE)", "b": ["depth", "E"], "rho_a": q_rho, "rho_b": [0.5, float("nan")],
+                         "diff": [q_rho - 0.5, float("nan")], "ci_low": [-0.4, float("nan")],
+                         "ci_high": [0.4, float("nan")],
+                         "verdict": ["cannot tell (the interval includes 0)",
+                                     "undefined: a rho is undefined (a constant score or constant values)"]},
+                        index=["depth", "efficiency"])
     held = pd.DataFrame({"score": ["a", "b"], "spearman": [float("nan"), 0.3], "ci_low": 0.0, "ci_high": 1.0,
                          "layers": 4}, index=["quality_train_small", "quality_val"])
     names = ["Q (the paper)", "deepest k", "E only"][:len(finals)]
+    per_seed = per_seed or [[f, f] for f in finals]
     compared = pd.DataFrame({"layers": [[i, i + 1] for i in range(len(finals))], "chosen by": names,
-                             "test_final": finals, "test_final_std": stds, "test_best": finals, "seeds": 2})
-    return table, corr, held, compared, {"Q (the paper)": [0, 1]}
+                             "test_final": finals, "test_final_std": 0.01, "test_best": finals, "seeds": 2,
+                             "final_acc": per_seed})
+    return (table, corr, diff, held, compared, validation.selection_comparisons(compared),
+            {"Q (the paper)": [0, 1]})
 
 
 def test_when_every_selection_ties_none_is_called_the_best():
-    lines = validation.summary_lines(*_study([0.0955] * 4, [0.0955] * 3, [0.0] * 3, q_rho=float("nan")),
-                                     seeds=2, held_out=True)
+    lines = validation.summary_lines(*_study([0.0] * 4, [0.0955] * 3, q_rho=float("nan")), seeds=2, held_out=True)
     text = "\n".join(lines)
     assert "best one" not in text and "nan" not in text.lower()
     assert "Every selection scores the same (9.55%): a tie" in text
-    assert "Every swept teacher layer has the same value (9.55%" in text
-    assert "undefined: every swept layer has the same value (9.55%), so there is no order to predict" in text
+    assert "Every swept teacher layer has the same value (+0.00 points" in text
+    assert "undefined: every swept layer has the same value, so there is no order to predict" in text
 
 
 def test_a_tie_at_the_top_and_a_constant_score_are_stated():
-    lines = validation.summary_lines(*_study([0.3, 0.5, 0.4, 0.6], [0.70, 0.70, 0.60], [0.01] * 3),
-                                     seeds=2, held_out=True)
+    lines = validation.summary_lines(*_study([0.0, 0.02, -0.01, 0.03], [0.70, 0.70, 0.60]), seeds=2, held_out=True)
     text = "\n".join(lines)
-    assert "Q's selection ties for the best with deepest k (70.00% each: equal mean final test accuracy)" in text
-    assert "Q's selection is the best one" not in text and "+nan" not in text
-    assert "E: undefined: the score is the same for every swept layer" in text
+    assert "deepest k +0.00 [+0.00, +0.00] (cannot tell (the interval includes 0))" in text      # a tie is a tie
+    assert "E only -10.00 [-10.00, -10.00] (E only below Q (the paper)" in text
+    assert "+nan" not in text and "E: undefined: the score is the same for every swept layer" in text
     assert "rho +0.30 vs undefined: the score is the same for every swept layer" in text
-    assert "Q ties with depth as the best predictor here (rho +0.50 each)" in text
-    clear = "\n".join(validation.summary_lines(*_study([0.3, 0.5, 0.4, 0.6], [0.72, 0.70], [0.01] * 2),
-                                               seeds=2, held_out=True))
-    assert "Q's selection is the best one, 2.00 points ahead of deepest k, more than the seed spread (1.00)" in clear
+    assert "No predictor is separated from Q by this study" in text
+    noisy = "\n".join(validation.summary_lines(*_study([0.0, 0.02, -0.01, 0.03], [0.71, 0.70],
+                                                       [[0.70, 0.72], [0.71, 0.69]]), seeds=2, held_out=True))
+    # +1 point in the mean, but -1 and -3 would be... per seed differences +1, -3: the interval includes 0
+    assert "deepest k -1.00" in noisy and "cannot tell (the interval includes 0)" in noisy
 
 
 # ------------------------------------------------------------------------------------------------------------
