@@ -28,6 +28,10 @@ of every notebook from it; `--check` exits 1 when a notebook disagrees.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import json
+import os
+import platform
 import re
 import sys
 import urllib.request
@@ -37,7 +41,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from kdutils import checks, pipeline, presets, rundir
+from kdutils import checks, pipeline, presets, rundir, runtime
 from kdutils.precision import describe, precision_for
 from kdutils.presets import on_colab
 from kdutils.train import default_device
@@ -193,7 +197,41 @@ def setup(namespace: Mapping[str, Any], notebook: str, *, needs: Sequence[tuple[
     print(f"preset {config['preset']} | device {device}, {describe(precision_for(device))} | run_dir "
           f"{rundir.shown_path(run_dir)}"
           + (" | on Colab" if on_colab(colab) else ""))
+    print(provenance_text(config, presets.config_overrides(namespace), device))
+    print(runtime.notebook_runtime_text(config, notebook), flush=True)
     return Setup(config, run_dir, data_root, device, config["seeds"][0])
+
+
+def machine_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else platform.processor()) and its usable cores."""
+    name = ""
+    try:
+        name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name or platform.processor() or platform.machine()}, {cores} cores"
+
+
+def reproduce_command(preset: str, overrides: Mapping[str, Any], notebook6: bool = True) -> str:
+    """The pipeline command that runs the series with this preset and these overrides (paths as shown_path)."""
+    def shown(v: Any) -> str:
+        if isinstance(v, (list, dict)):
+            return json.dumps(v, separators=(",", ":")).replace('"', "")
+        if isinstance(v, str) and ("/" in v or v.endswith(".npz")):
+            return rundir.shown_path(v)
+        return str(v)
+    args = "".join(f" -p {k} {shown(v)}" for k, v in overrides.items() if k != "preset")
+    return f"python -m kdutils.pipeline --preset {preset}{args}" + (" --validate-kq" if notebook6 else "")
+
+
+def provenance_text(config: dict, overrides: Mapping[str, Any], device: "torch.device") -> str:
+    """Two lines naming the run: dataset, seeds, date, machine and torch; and the command that reproduces it."""
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else machine_name()
+    return (f"run: dataset {rundir.shown_config(config)['dataset']}, seeds {config['seeds']}, {when}, {where}, "
+            f"torch {torch.__version__}\nreproduce: {reproduce_command(config['preset'], overrides)}")
 
 
 def legends_outside(fig: "matplotlib.figure.Figure", where: str = "right") -> "matplotlib.figure.Figure":

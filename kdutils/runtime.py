@@ -91,3 +91,67 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
             f"throughput of " + ", ".join(f"{e['assumed_flops'] / 1e12:.0f} TFLOP/s on the {d.upper()}"
                                           for d, e in est.items()) +
             f" (kdutils.runtime.ASSUMED_TRAIN_FLOPS); downloads not included.")
+
+
+# MEASURED per-notebook seconds of whole series (`python -m kdutils.pipeline --preset P --validate-kq`, alone on
+# the machine), per preset at its default budget: what notebooks print as the expected time (notebook_runtime_text)
+# and notebook 1 tabulates (runtime_table). Update an entry when a preset's budget changes; a preset without one
+# prints that it has not been measured.
+MEASURED = {
+    "quick": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last",
+              "date": "2026-12-03", "seconds": {"01_train_teacher": 18, "02_probe_layer_geometry": 14,
+                                                "03_compute_kq": 14, "04_distill_without_ce": 13,
+                                                "05_compare_to_hinton_kd": 24, "06_validate_kq": 38}},
+}
+
+
+def _duration(seconds: float) -> str:
+    """A duration as people say it: '40 s', '3 min', '1.5 h'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def notebook_runtime_text(config: dict, notebook: str) -> str:
+    """One line: this notebook's expected time for config's preset, measured (MEASURED) or estimated (GPU presets),
+    or that it has not been measured; overridden budgets are said to change it."""
+    preset, name = config.get("preset"), notebook.removesuffix(".ipynb")
+    from kdutils.presets import PRESETS
+    base = PRESETS.get(preset, {})
+    changed = sorted(k for k in ("dataset", "per_class", "teacher_epochs", "student_epochs", "seeds", "methods",
+                                 "validation_epochs", "validation_seeds", "validation_layers", "teacher", "student")
+                     if k in base and config.get(k) != base[k])
+    note = f" (for the preset's defaults; this run changes {', '.join(changed)})" if changed else ""
+    m = MEASURED.get(preset)
+    if m and name in m["seconds"]:
+        total = sum(m["seconds"].values())
+        return (f"expected time: about {_duration(m['seconds'][name])} for this notebook, "
+                f"{_duration(total)} for notebooks 1-6 (measured for preset {preset} on {m['machine']}, "
+                f"{m['date']}){note}")
+    if preset in GPU_PRESETS:
+        return runtime_estimate_text(config) + note
+    return f"expected time: not measured for preset {preset}{note}"
+
+
+def runtime_table() -> "pandas.DataFrame":
+    """Notebook 1's runtime table: per preset, the series' time, measured (MEASURED, with machine and date) or
+    estimated on a T4 (estimate_runtime), and which of the two it is."""
+    import pandas as pd
+    from kdutils.presets import PRESETS, resolve_config
+    rows = []
+    for preset in PRESETS:
+        if preset in MEASURED:
+            m = MEASURED[preset]
+            rows.append({"preset": preset, "notebooks 1-6": _duration(sum(m["seconds"].values())),
+                         "where": m["machine"], "how we know": f"measured, {m['date']}"})
+        elif preset in GPU_PRESETS:
+            try:
+                est = estimate_runtime(resolve_config(preset))["total"]
+                rows.append({"preset": preset, "notebooks 1-6": _duration(est), "where": "one Colab T4",
+                             "how we know": "estimate from FLOPs (kdutils.runtime.estimate_runtime), not measured"})
+            except (OSError, ValueError) as err:   # a dataset whose size cannot be read offline
+                rows.append({"preset": preset, "notebooks 1-6": "?", "where": "one Colab T4",
+                             "how we know": f"no estimate here ({err})"})
+        else:
+            rows.append({"preset": preset, "notebooks 1-6": "not measured yet", "where": "", "how we know": ""})
+    return pd.DataFrame(rows).set_index("preset")

@@ -48,8 +48,36 @@ def test_setup_returns_what_every_notebook_computed(tmp_path, capsys):
     assert run_dir == tmp_path / "run" and run_dir.is_dir()
     assert data_root == rundir.default_data_root() and device == torch.device("cpu") and seed == 3
     from kdutils.precision import describe, precision_for
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"preset quick | device cpu, {describe(precision_for('cpu'))} | run_dir "), line
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith(f"preset quick | device cpu, {describe(precision_for('cpu'))} | run_dir "), lines
+    assert lines[1].startswith("run: dataset digits, seeds [3, 4], 20") and "torch " in lines[1]      # a date, torch
+    assert lines[2] == "reproduce: python -m kdutils.pipeline --preset quick -p seeds [3,4] --validate-kq"
+    assert lines[3].startswith("expected time: about ") and "measured for preset quick" in lines[3]
+    assert lines[3].endswith("(for the preset's defaults; this run changes seeds)")
+
+
+def test_the_reproduce_command_parses_back_to_the_same_overrides():
+    from kdutils import pipeline
+    from kdutils.notebook import reproduce_command
+    overrides = {"dataset": str(rundir.project_base().parent / "shared" / "x.npz"), "seeds": [0, 1],
+                 "methods": ["ce", "feature_kd"], "teacher_epochs": 2, "augment": True, "student_lr": 0.005}
+    command = reproduce_command("cifar10-cpu", overrides)
+    assert "-p dataset ../shared/x.npz" in command and str(rundir.project_base()) not in command   # no machine path
+    args = command.split()
+    parsed = {args[i + 1]: pipeline.parse_value(args[i + 2]) for i, a in enumerate(args) if a == "-p"}
+    assert parsed == {**overrides, "dataset": "../shared/x.npz"}
+
+
+def test_runtimes_come_from_measurements_or_labelled_estimates():
+    table = runtime.runtime_table()
+    assert set(table.index) == set(presets.PRESETS)
+    quick = runtime.MEASURED["quick"]
+    assert table.loc["quick", "how we know"] == f"measured, {quick['date']}"
+    assert set(quick["seconds"]) == {n.removesuffix(".ipynb") for n in (*rundir.NOTEBOOKS, rundir.VALIDATION_NOTEBOOK)}
+    assert all("estimate" in table.loc[p, "how we know"] for p in runtime.GPU_PRESETS)
+    text = runtime.notebook_runtime_text(presets.resolve_config("quick"), "05_compare_to_hinton_kd.ipynb")
+    assert text.startswith(f"expected time: about {quick['seconds']['05_compare_to_hinton_kd']} s for this notebook")
+    assert "estimate, NOT measured" in runtime.notebook_runtime_text(presets.resolve_config("colab"), "03_compute_kq")
 
 
 def test_setup_off_colab_names_the_notebook_to_run(tmp_path):
