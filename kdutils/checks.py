@@ -19,14 +19,14 @@ import torch
 from kdutils.data import dataset_key
 
 # What the named datasets hold, known without loading them: image size and (train, test) split sizes.
-IMAGE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64}
+IMAGE_SIZES = {"digits": 16, "cifar10": 32, "cifar100": 32, "tinyimagenet": 64, "cifar10-subset": 32}
 TRAIN_SIZES = {"cifar10": (50_000, 10_000), "cifar100": (50_000, 10_000), "tinyimagenet": (100_000, 10_000),
-               "digits": (1_437, 360)}
+               "digits": (1_437, 360), "cifar10-subset": (10_000, 2_000)}
 
 # Training images per class of the named datasets, for the validation-split checks (digits: the smallest class of
 # its stratified 80% train split, 139 or 140 depending on the seed).
-CLASS_TRAIN_COUNTS = {"cifar10": 5000, "cifar100": 500, "tinyimagenet": 500, "digits": 139}
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10}
+CLASS_TRAIN_COUNTS = {"cifar10": 5000, "cifar100": 500, "tinyimagenet": 500, "digits": 139, "cifar10-subset": 1000}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "tinyimagenet": 200, "digits": 10, "cifar10-subset": 10}
 
 
 def has_parameters_cell(path: str | Path) -> bool:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kdutils.datasets import DATASETS, NPZ_FORMAT, dataset_arrays, read_npz
 
-_ALIASES = {"tinyimagenet200": "tinyimagenet"}  # after lower-casing and dropping '-', '_' and spaces
+_ALIASES = {"tinyimagenet200": "tinyimagenet", "cifar10subset": "cifar10-subset"}  # after lower-casing and dropping '-', '_' and spaces
 
 
 @dataclass(frozen=True, eq=False)

@@ -24,7 +24,12 @@ DATASETS: dict[str, str] = {
     "cifar100": "CIFAR-100, 50k/10k 32x32 RGB, 100 fine classes (torchvision download into root)",
     "tinyimagenet": "Tiny ImageNet, 100k/10k 64x64 RGB, 200 classes (official zip; val split used as test)",
     "digits": "scikit-learn 8x8 digits upsampled to 16x16 RGB, 1437/360 stratified split (offline)",
+    "cifar10-subset": "the course's CIFAR-10 subset, 10k/2k 32x32 RGB, 1,000/200 per class (data/README.md): "
+                      "cifar10-subset.npz from root or ../shared/data/, else the same draw from the CIFAR-10 download",
 }
+SUBSET_FILE = "cifar10-subset.npz"
+# Where the course's shared files live beside a source checkout (../shared/data/ next to the repository).
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 TINY_DIR = "tiny-imagenet-200"
@@ -47,6 +52,8 @@ def dataset_arrays(key: str, root: Path, *, download: bool, seed: int, progress:
         return _load_tinyimagenet(root, download, progress)
     if key == "digits":
         return _load_digits(seed)
+    if key == "cifar10-subset":
+        return _load_cifar10_subset(root, download)
     raise ValueError(f"Unknown dataset {key!r}. Valid names: {', '.join(DATASETS)}.")
 
 
@@ -96,6 +103,33 @@ def _load_cifar(root: Path, download: bool, hundred: bool) -> dict:
     train, test = cls(str(root), train=True, download=False), cls(str(root), train=False, download=False)
     return {"x_train": train.data, "y_train": np.asarray(train.targets), "x_test": test.data,
             "y_test": np.asarray(test.targets), "classes": list(train.classes)}
+
+
+def subset_indices(y_train: np.ndarray, y_test: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The draw of the course's CIFAR-10 subset (data/README.md) from the official label order: per class 1,000 of
+    its training images and 200 of its test images (numpy default_rng(seed), without replacement, sorted), then one
+    permutation of the training rows and one of the test rows. Returns (train rows, test rows) of the full splits."""
+    rng = np.random.default_rng(seed)
+    train = np.concatenate([np.sort(rng.choice(np.flatnonzero(y_train == c), 1000, replace=False)) for c in range(10)])
+    test = np.concatenate([np.flatnonzero(y_test == c)[np.sort(rng.choice(1000, 200, replace=False))]
+                           for c in range(10)])
+    return train[rng.permutation(len(train))], test[rng.permutation(len(test))]
+
+
+def _load_cifar10_subset(root: Path, download: bool) -> dict:
+    """cifar10-subset.npz from root or SHARED_DATA; without it, the same draw (subset_indices) from the CIFAR-10
+    download: the same images in their original pixels (the file holds JPEG q75 decodes), so numbers differ a
+    little. Says which one it uses."""
+    for folder in (root, SHARED_DATA):
+        if (folder / SUBSET_FILE).is_file():
+            return read_npz(folder / SUBSET_FILE)
+    print(f"{SUBSET_FILE} is not in {root} or {SHARED_DATA}: drawing the same 10,000 + 2,000 images from the CIFAR-10 "
+          f"download instead (their original pixels, not the file's JPEG-decoded ones, so the numbers will differ a "
+          f"little from the committed outputs).", flush=True)
+    full = _load_cifar(root, download, hundred=False)
+    train, test = subset_indices(full["y_train"], full["y_test"])
+    return {"x_train": full["x_train"][train], "y_train": full["y_train"][train], "x_test": full["x_test"][test],
+            "y_test": full["y_test"][test], "classes": full["classes"]}
 
 
 def _load_tinyimagenet(root: Path, download: bool, progress: bool) -> dict:

@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import sys
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -338,16 +339,48 @@ def set_repository_url(url: str, pyproject: str | Path | None = None) -> Path:
     return path
 
 
+def with_preset(preset: str, out: str | Path, notebooks_dir: str | Path = rundir.NOTEBOOKS_DIR) -> list[Path]:
+    """Copies of the notebooks in `out` with `preset = PRESET` injected after their parameters cell, as papermill
+    injects parameters (notebooks without a `preset` parameter are copied unchanged); returns the copies' paths."""
+    import nbformat
+    from papermill.iorw import load_notebook_node
+    from papermill.parameterize import parameterize_notebook
+    presets.resolve_config(preset)                   # an unknown preset is refused here, not in a kernel
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(Path(notebooks_dir).glob("*.ipynb")):
+        nb = load_notebook_node(str(path))          # as papermill reads it (every cell gets a tags list)
+        cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+        if cell is not None and re.search(r"^preset\s*=", cell.source, flags=re.M):
+            nbformat.write(parameterize_notebook(nb, {"preset": preset}, report_mode=False), out / path.name)
+        else:
+            shutil.copyfile(path, out / path.name)
+        written.append(out / path.name)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m kdutils.notebook --set-url URL | --sync-urls | --check`: keep badges and install lines in step."""
+    """`python -m kdutils.notebook --set-url URL | --sync-urls | --check`: keep badges and install lines in step;
+    `--with-preset PRESET --out DIR`: the notebooks with another preset, for CI."""
     parser = argparse.ArgumentParser(prog="python -m kdutils.notebook", description=main.__doc__)
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--set-url", metavar="URL", help="write URL into pyproject.toml, then sync the notebooks")
     group.add_argument("--sync-urls", action="store_true", help="rewrite the notebooks from pyproject.toml's URL")
     group.add_argument("--check", action="store_true", help="exit 1 if a notebook's badge or install line differs")
+    group.add_argument("--with-preset", metavar="PRESET",
+                       help="write copies of the notebooks with `preset = PRESET` injected after their parameters "
+                            "cell (papermill's way) into --out, e.g. quick for CI's nbval step")
+    parser.add_argument("--out", type=Path, help="folder of the --with-preset copies")
     parser.add_argument("--notebooks-dir", type=Path, default=rundir.NOTEBOOKS_DIR)
     parser.add_argument("--ref", default=DEFAULT_REF, help="git ref of the badges and installs (default main)")
     args = parser.parse_args(argv)
+    if args.with_preset:
+        if args.out is None:
+            parser.error("--with-preset needs --out FOLDER")
+        written = with_preset(args.with_preset, args.out, args.notebooks_dir)
+        print(f"{len(written)} notebook(s) with preset {args.with_preset} in {args.out}")
+        return 0
     if args.check:
         url = repository_url()
         bad = [str(p) for p in sorted(args.notebooks_dir.glob("*.ipynb"))

@@ -64,6 +64,8 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
             "curve": [_mean_std([h[i]["test_acc"] for h in histories])[0] for i in range(len(histories[0]))],
             **_training_curves(histories),
         }
+    for summary in methods.values():
+        summary["last_quarter_gain"] = last_quarter_gain(summary["curve"])
     target = methods["ce"]["final_acc_mean"] if "ce" in methods else None
     for summary in methods.values():
         reached = [e for e, acc in zip(summary["epochs"], summary["curve"]) if target is not None and acc >= target]
@@ -75,6 +77,19 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
     if len({summary["seeds"] for summary in methods.values()}) == 1:
         out["comparisons"] = comparisons(out)          # paired over seeds: only when every method ran them all
     return out
+
+
+# A run has reached its plateau when its mean test accuracy gains less than this over its last quarter of epochs.
+PLATEAU_POINTS = 1.0
+
+
+def last_quarter_gain(curve: Sequence[float]) -> float | None:
+    """Points of test accuracy gained over the last quarter of the epochs (at least one): curve[-1] minus the value
+    at the epoch before that quarter began; None for a one-epoch curve."""
+    if len(curve) < 2:
+        return None
+    quarter = max(1, len(curve) // 4)
+    return 100 * (curve[-1] - curve[-quarter - 1])
 
 
 def _nanmean(values: Sequence[float | None]) -> float | None:
@@ -214,6 +229,13 @@ def verdicts(results: dict, baseline: str = "ce") -> list[str]:
     lines = [f"Teacher {teacher['model']}: {teacher['test_acc']:.2%}. Ranking by final-epoch accuracy "
              f"({seeds} seed{'s' if seeds > 1 else ''}): " + ", ".join(f"{k} {m[k]['final_acc_mean']:.2%}"
                                                                         for k in order)]
+    gain = m.get(baseline, {}).get("last_quarter_gain")
+    if gain is not None:
+        n = len(m[baseline]["curve"])
+        lines.append(f"The {baseline} student gained {gain:+.2f} points over its last {max(1, n // 4)} of {n} epochs: "
+                     + (f"at its plateau (under {PLATEAU_POINTS:g} point)." if gain < PLATEAU_POINTS else
+                        "still climbing, so this budget stops the students before they converge and the comparison "
+                        "says little about converged students."))
     if baseline in m and teacher["test_acc"] <= m[baseline]["final_acc_mean"]:
         lines.append(f"The teacher ({teacher['test_acc']:.2%}) is not better than the {baseline} student "
                      f"({m[baseline]['final_acc_mean']:.2%}): it has nothing to teach that the labels do not, so no "

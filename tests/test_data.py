@@ -387,3 +387,43 @@ def test_flip_and_bright_pixel_shift():
     plain, flip = (c - 6).abs() <= 4, (c - 25).abs() <= 4
     assert bool((plain | flip).all()) and bool(plain.any()) and bool(flip.any())
     assert int((r - 10).min()) < 0 < int((r - 10).max())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the named dataset cifar10-subset: the shared file, or the same draw from the download
+
+def test_subset_draw_follows_the_shared_files_recipe(shared_npz):
+    """The draw of data/README.md, replayed on synthetic official label orders: the random stream depends only on
+    the class sizes, so the drawn test images' within-class ranks and both splits' row orders (labels) must be the
+    shared file's exactly."""
+    from kdutils.datasets import subset_indices
+    raw = np.load(shared_npz)
+    rng = np.random.default_rng(7)
+    y_train_full, y_test_full = rng.permutation(np.repeat(np.arange(10), 5000)), rng.permutation(np.repeat(np.arange(10), 1000))
+    train, test = subset_indices(y_train_full, y_test_full)
+    assert len(set(train)) == 10_000 and len(set(test)) == 2_000
+    assert np.array_equal(y_train_full[train], raw["y_train"]) and np.array_equal(y_test_full[test], raw["y_test"])
+    rank = np.empty(10_000, dtype=int)
+    for c in range(10):
+        rank[np.flatnonzero(y_test_full == c)] = np.arange(1000)
+    assert np.array_equal(rank[test], raw["test_class_index"])
+
+
+def test_named_subset_reads_the_file_or_draws_from_the_download(shared_npz, tmp_path, monkeypatch, capsys):
+    from kdutils import datasets
+    named = load_dataset("cifar10-subset", root=tmp_path)               # found in ../shared/data/
+    from_file = load_dataset(shared_npz)
+    assert named.name == "cifar10-subset" and torch.equal(named.x_train, from_file.x_train)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(datasets, "SHARED_DATA", tmp_path / "nowhere")
+    raw = np.load(shared_npz)
+    full = {"x_train": np.zeros((50_000, 32, 32, 3), np.uint8), "y_train": np.repeat(np.arange(10), 5000),
+            "x_test": np.zeros((10_000, 32, 32, 3), np.uint8), "y_test": np.repeat(np.arange(10), 1000),
+            "classes": [str(c) for c in raw["classes"]]}
+    full["x_train"][:, 0, 0, 0] = np.arange(50_000) % 251                 # a pixel that says which image it is
+    monkeypatch.setattr(datasets, "_load_cifar", lambda root, download, hundred: full)
+    drawn = load_dataset("cifar10-subset", root=tmp_path)
+    assert "drawing the same 10,000 + 2,000 images from the CIFAR-10 download" in capsys.readouterr().out
+    train, _ = datasets.subset_indices(full["y_train"], full["y_test"])
+    assert torch.equal(drawn.y_train, torch.from_numpy(raw["y_train"]))
+    assert torch.equal(drawn.x_train[:, 0, 0, 0], torch.from_numpy((train % 251).astype(np.uint8)))

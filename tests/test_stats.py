@@ -56,3 +56,19 @@ def test_results_json_lists_every_stated_comparison():
 
 def test_no_comparisons_when_methods_ran_different_seeds():
     assert "comparisons" not in _results({"ce": [0.5, 0.6], "feature_kd": [0.55]})
+
+
+def test_the_plateau_rule_reads_the_last_quarter_of_the_ce_curve():
+    from kdutils.results import last_quarter_gain, summarize_runs, verdicts
+
+    def runs(curve):
+        return [[{"epoch": e + 1, "loss": 1.0, "train_acc": a, "test_acc": a, "seconds": 1.0}
+                 for e, a in enumerate(curve)]]
+    assert last_quarter_gain([0.50, 0.55, 0.58, 0.60, 0.605, 0.61, 0.612, 0.615]) == pytest.approx(0.5)  # epochs 7-8 vs 6
+    assert last_quarter_gain([0.3, 0.4, 0.45]) == pytest.approx(5.0) and last_quarter_gain([0.3]) is None
+    teacher = {"model": "t", "test_acc": 0.9}
+    flat = summarize_runs({"ce": runs([0.5, 0.6, 0.62, 0.625])}, teacher=teacher, preset="p", dataset="d")
+    assert flat["methods"]["ce"]["last_quarter_gain"] == pytest.approx(0.5)
+    assert any("gained +0.50 points over its last 1 of 4 epochs: at its plateau" in line for line in verdicts(flat))
+    rising = summarize_runs({"ce": runs([0.5, 0.6, 0.65, 0.70])}, teacher=teacher, preset="p", dataset="d")
+    assert any("+5.00 points" in line and "still climbing" in line for line in verdicts(rising))
