@@ -360,6 +360,37 @@ def with_preset(preset: str, out: str | Path, notebooks_dir: str | Path = rundir
     return written
 
 
+def publish_executed(run_dir: str | Path, notebooks_dir: str | Path = rundir.NOTEBOOKS_DIR) -> list[Path]:
+    """Replace the committed notebooks by a pipeline run's executed copies (run_dir/executed/): the cell papermill
+    injected (it holds the run's absolute run_dir) and papermill's metadata are dropped, everything else is kept.
+    Refuses, before writing anything, a copy whose text still holds a machine path (the project's or the home
+    folder's absolute path)."""
+    import nbformat
+    executed = sorted((Path(run_dir) / "executed").glob("0*.ipynb"))
+    if not executed:
+        raise FileNotFoundError(f"no executed notebooks in {Path(run_dir) / 'executed'}: run the pipeline first.")
+    machine = [str(rundir.project_base().resolve()), str(Path.home())]
+    cleaned = {}
+    for path in executed:
+        nb = nbformat.read(path, as_version=4)
+        nb.cells = [c for c in nb.cells if "injected-parameters" not in c.metadata.get("tags", [])]
+        nb.metadata.pop("papermill", None)
+        for c in nb.cells:
+            c.metadata.pop("papermill", None)
+            c.metadata.pop("execution", None)
+        text = nbformat.writes(nb)
+        leaks = [m for m in machine if m in text]
+        if leaks:
+            raise ValueError(f"{path.name} still holds machine paths ({', '.join(leaks)}): fix the cell that prints "
+                             f"them (rundir.shown_path) and re-run it before publishing.")
+        cleaned[path.name] = text
+    out = []
+    for name, text in cleaned.items():
+        (Path(notebooks_dir) / name).write_text(text)
+        out.append(Path(notebooks_dir) / name)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m kdutils.notebook --set-url URL | --sync-urls | --check`: keep badges and install lines in step;
     `--with-preset PRESET --out DIR`: the notebooks with another preset, for CI."""
@@ -371,10 +402,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     group.add_argument("--with-preset", metavar="PRESET",
                        help="write copies of the notebooks with `preset = PRESET` injected after their parameters "
                             "cell (papermill's way) into --out, e.g. quick for CI's nbval step")
+    group.add_argument("--publish", metavar="RUN_DIR", type=Path,
+                       help="replace the committed notebooks by RUN_DIR/executed/ (injected cell and papermill "
+                            "metadata dropped; refused if a machine path is left)")
     parser.add_argument("--out", type=Path, help="folder of the --with-preset copies")
     parser.add_argument("--notebooks-dir", type=Path, default=rundir.NOTEBOOKS_DIR)
     parser.add_argument("--ref", default=DEFAULT_REF, help="git ref of the badges and installs (default main)")
     args = parser.parse_args(argv)
+    if args.publish:
+        written = publish_executed(args.publish, args.notebooks_dir)
+        print(f"{len(written)} notebook(s) published from {args.publish}")
+        return 0
     if args.with_preset:
         if args.out is None:
             parser.error("--with-preset needs --out FOLDER")

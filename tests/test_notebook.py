@@ -256,3 +256,26 @@ def test_ci_copies_run_the_quick_preset(tmp_path):
             assert not injected and path.read_text() == (ROOT / "notebooks" / path.name).read_text()
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
         notebook.with_preset("fast", tmp_path / "bad")
+
+
+def test_publishing_a_run_drops_the_injected_cell_and_refuses_machine_paths(tmp_path):
+    run = tmp_path / "run"
+    notebook.with_preset("quick", run / "executed")         # stands in for executed copies: they carry the injection
+    out = tmp_path / "published"
+    out.mkdir()
+    for path in (run / "executed").glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        nb.metadata["papermill"] = {"input_path": "x.ipynb", "output_path": "y.ipynb"}
+        nbformat.write(nb, path)
+    written = notebook.publish_executed(run, out)
+    assert sorted(p.name for p in written) == sorted(p.name for p in NOTEBOOKS if p.name.startswith("0"))
+    for path in written:
+        nb = nbformat.read(path, as_version=4)
+        assert "papermill" not in nb.metadata
+        assert not any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    leaky = run / "executed" / "01_train_teacher.ipynb"
+    nb = nbformat.read(leaky, as_version=4)
+    nb.cells[-1].outputs = [nbformat.v4.new_output("stream", text=f"saved to {rundir.project_base()}/runs/x\n")]
+    nbformat.write(nb, leaky)
+    with pytest.raises(ValueError, match="01_train_teacher.ipynb still holds machine paths"):
+        notebook.publish_executed(run, out)
