@@ -101,8 +101,8 @@ def test_bad_config_is_refused_with_the_fix(overrides, words):
 
 def test_k_chooses_the_deepest_student_layers_and_per_class_all_restores_the_train_split():
     assert presets.resolve_config("quick", k=2)["k"] == 2
-    config = presets.resolve_config("cifar10-cpu", per_class="all")
-    assert config["per_class"] is None and presets.PRESETS["cifar10-cpu"]["per_class"] == 500
+    config = presets.resolve_config("cifar10", per_class=500)
+    assert config["per_class"] == 500 and presets.resolve_config("cifar10", per_class="all")["per_class"] is None
     assert pipeline.parse_value("all") == "all"   # so `-p per_class all` reaches resolve_config as "all"
 
 

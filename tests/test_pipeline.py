@@ -41,8 +41,9 @@ def test_preset_values():
     assert quick["methods"] == ["ce", "hinton_kd", "feature_kd", "feature_kd_ce", "standard_layers", "fitnets_kd_nokl"]
     assert (quick["pretrained"], quick["augment"], quick["batch_size"], quick["k"]) == (False, False, 128, 4)
     cpu = resolve_config("cifar10-cpu")
-    assert cpu["dataset"] == "cifar10" and cpu["seeds"] == [0, 1, 2] and cpu["teacher"] == "resnet18_narrow"
-    assert cpu["per_class"] == 500 and quick["per_class"] is None
+    assert cpu["dataset"] == "cifar10-subset" and cpu["seeds"] == [0, 1, 2] and cpu["teacher"] == "resnet18_narrow"
+    assert cpu["per_class"] is None and quick["per_class"] is None
+    assert (cpu["teacher_augment"], cpu["augment"], quick["teacher_augment"]) == (True, False, False)   # teacher only
     for name, dataset, size in [("cifar10", "cifar10", 32), ("cifar100", "cifar100", 32),
                                 ("tinyimagenet", "tinyimagenet", 64)]:
         paper = resolve_config(name)
