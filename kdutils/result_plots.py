@@ -317,7 +317,7 @@ def plot_accuracy_curves(results: dict, *, baseline: str = "ce", methods: Sequen
 
     Each curve is the mean over seeds per epoch (results' "curve"); the paper plots the max over runs per epoch,
     which favours methods with more runs. The baseline's best is the max of its mean curve (dotted line). The y-range
-    spans the second half of training (earlier epochs may fall below it) and the legend sits outside the axes.
+    spans every epoch, the first ones included, and the legend sits outside the axes.
     """
     rows = results["methods"]
     base = _require(rows, baseline, "student baseline")
@@ -358,7 +358,7 @@ def plot_accuracy_curves(results: dict, *, baseline: str = "ce", methods: Sequen
     others = 0
     lows, highs = [target], [target]
     for m, epochs, acc, first, text in entries:
-        lows.append(float(acc[len(acc) // 2:].min()))
+        lows.append(float(acc.min()))
         highs.append(float(acc.max()))
         if m == baseline:
             colour, style, width = "black", "-", 1.8
@@ -416,32 +416,44 @@ def plot_gradient_conflict(results: dict, *, title: str | None = None) -> Figure
 
 
 def plot_feature_distance(results: dict, *, metric: str = "feature_mse", title: str | None = None) -> Figure:
-    """Per distilled layer pair (one panel each): the distance of the student's feature to its teacher target
-    against epoch, one line per monitored method (feature_mse through the projector, or feature_cka)."""
+    """Per distilled layer pair (columns) and per set of teacher layers (rows: methods that distil into the same
+    teacher layers, e.g. KQ's or the standard ones, so each panel compares twins): the distance of the student's
+    feature to its teacher target against epoch, one line per monitored method (feature_mse through the
+    projector, on a log scale with plain tick labels, or feature_cka)."""
     rows = {m: r["monitor"][metric] for m, r in results["methods"].items() if r.get("monitor", {}).get(metric)}
     if not rows:
         raise ValueError(f"no method in these results has {metric!r} measurements; train with "
                          f"distill(..., monitor=True), the pipeline's monitor key.")
+    groups: dict[str, list[str]] = {}
+    for method in rows:
+        groups.setdefault(REGISTRY[method].layers if method in REGISTRY else "other", []).append(method)
+    names = {"quality": "KQ's teacher layers", "standard": "the standard teacher layers"}
     pairs = max(len(v) for v in rows.values())
-    fig = Figure(figsize=(3.3 * pairs + 2.2, 3.4), layout="constrained")
-    axes = fig.subplots(1, pairs, squeeze=False)[0]
-    for i, ax in enumerate(axes):
-        for method, curves in rows.items():
-            if i < len(curves):
-                free = method in REGISTRY and not REGISTRY[method].ce_backbone
-                ax.plot(results["methods"][method]["epochs"], curves[i], "-" if free else "--", lw=2 if free else 1.4,
-                        label=f"{method}{' (CE-free)' if free else ''}")
-        ax.set_title(f"pair {i + 1} (shallow to deep)", fontsize=9)
-        ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if metric == "feature_mse":
-            ax.set_yscale("log")
-    axes[0].set_ylabel({"feature_mse": "MSE to the teacher target", "feature_cka": "linear CKA with the target"}
-                       .get(metric, metric))
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
-    fig.suptitle(title or "Distance of the distilled student layers to the teacher's, on fixed training batches",
-                 fontsize=10)
+    fig = Figure(figsize=(3.3 * pairs + 2.2, 3.0 * len(groups) + 0.6), layout="constrained")
+    grid = fig.subplots(len(groups), pairs, squeeze=False)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for (group, methods), axes in zip(groups.items(), grid):
+        for i, ax in enumerate(axes):
+            for method in methods:
+                curves = rows[method]
+                if i < len(curves):
+                    free = method in REGISTRY and not REGISTRY[method].ce_backbone
+                    ax.plot(results["methods"][method]["epochs"], curves[i], "-" if free else "--",
+                            lw=2 if free else 1.4, label=f"{method}{' (CE-free)' if free else ''}")
+            ax.set_title(f"{names.get(group, group)}: pair {i + 1}", fontsize=9)
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if metric == "feature_mse":
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="y", which="minor", labelsize=7)
+        axes[0].set_ylabel({"feature_mse": "MSE to the teacher target", "feature_cka": "linear CKA with the target"}
+                           .get(metric, metric))
+        axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.suptitle(title or "Distance of the distilled student layers to the teacher's, on fixed training batches "
+                          "(each row: methods with the same teacher layers)", fontsize=10)
     return fig
 
 

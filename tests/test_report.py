@@ -164,7 +164,7 @@ def test_curves_mark_first_epoch_reaching_the_baseline_best(results):
     fig.draw_without_rendering()                                  # legend outside the axes, y-range zoomed
     assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
     lo, hi = ax.get_ylim()
-    assert 40 < lo < 45 and 54 < hi < 56                          # second half spans 45..54; epoch 1 (40) is cut
+    assert 37 < lo < 40 and 54 < hi < 56                          # every epoch shown, the first (40) included
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -227,6 +227,11 @@ def test_gradient_conflict_and_feature_distance_plots():
     styles = {ln.get_label(): ln.get_linestyle() for ln in fig.axes[0].get_lines()}
     assert styles == {"feature_kd (CE-free)": "-", "feature_kd_ce": "--"}
     assert list(fig.axes[1].get_lines()[0].get_ydata()) == pytest.approx([0.2, 0.1])
+    twins = {"methods": {**res["methods"], "standard_layers": res["methods"]["feature_kd"]}}
+    fig = plot_feature_distance(twins)                    # another set of teacher layers: a row of its own
+    assert len(fig.axes) == 4 and fig.axes[2].get_title().startswith("the standard teacher layers")
+    assert {ln.get_label() for ln in fig.axes[2].get_lines()} == {"standard_layers (CE-free)"}
+    assert fig.axes[0].yaxis.get_major_formatter()(0.3, 0) == "0.3"          # plain numbers on the log axis
     with pytest.raises(ValueError, match="monitor=True"):
         plot_gradient_conflict({"methods": {"feature_kd": {"monitor": {"feature_mse": [[1.0]]}}}})
 
