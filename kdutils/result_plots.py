@@ -367,7 +367,8 @@ def plot_accuracy_curves(results: dict, *, baseline: str = "ce", methods: Sequen
         else:
             colour, style, width = colours[others % len(colours)], styles[others // len(colours) % 4], 1.6
             others += 1
-        ax.plot(epochs, acc, style, color=colour, lw=width, label=text, zorder=3)
+        ax.plot(epochs, acc, style, color=colour, lw=width, label=text, zorder=3,
+                marker="o" if len(epochs) < 2 else None, ms=6)          # a one-epoch run is a point, not a gap
         if first is not None:
             ax.plot([epochs[first]], [acc[first]], "o", ms=9, mfc=colour, mec="black", mew=1.2, zorder=5,
                     gid=f"reach:{m}")
@@ -377,6 +378,10 @@ def plot_accuracy_curves(results: dict, *, baseline: str = "ce", methods: Sequen
     margin = max(0.1 * (hi - lo), 0.3)
     ax.set_ylim(lo - margin, hi + margin)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    every = sorted({int(e) for _, epochs, *_ in entries for e in epochs})
+    if len(every) < 3:                      # MaxNLocator would put fractional ticks on a one- or two-epoch axis
+        ax.set_xticks(every)
+        ax.set_xlim(every[0] - 0.5, every[-1] + 0.5)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.grid(alpha=0.3)

@@ -278,3 +278,19 @@ def test_report_of_a_monitored_run_with_notebook_6(tmp_path):
         method.pop("monitor", None)
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert set(report.write_report(tmp_path)) == {"results_md", "result_panel", "result_panel_best", "accuracy_curves"}
+
+
+def test_a_one_epoch_run_keeps_integer_ticks_and_its_points():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from kdutils.result_plots import plot_accuracy_curves
+    from kdutils.results import summarize_runs
+    one = lambda a: [[{"epoch": 1, "loss": 1.0, "train_acc": a, "test_acc": a, "seconds": 1.0}]]  # noqa: E731
+    results = summarize_runs({"ce": one(0.5), "feature_kd": one(0.55)}, teacher={"model": "t", "test_acc": 0.9},
+                             preset="p", dataset="d")
+    fig = plot_accuracy_curves(results)
+    FigureCanvasAgg(fig).draw()
+    ax = fig.axes[0]
+    shown = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert shown == [1]                                                      # no 0.96, 0.975, ... ticks
+    points = [ln for ln in ax.get_lines() if ln.get_label().startswith(("Student (best", "Ours"))]
+    assert len(points) == 2 and all(ln.get_marker() == "o" for ln in points)   # the ce run is drawn, as a point
