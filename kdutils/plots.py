@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 KQ_STYLE = {  # column: (label, colour, line width) -- the paper's colours for the four curves
     "separation": ("Separation S", "midnightblue", 2.0),
@@ -24,6 +24,15 @@ KQ_STYLE = {  # column: (label, colour, line width) -- the paper's colours for t
     "quality": (r"Knowledge quality $Q = S + \sqrt{I \cdot E}$", "dimgrey", 3.0),
 }
 
+
+
+def _plain_log_ticks(axis: "matplotlib.axis.Axis", minor: bool = True) -> None:
+    """Plain numbers (0.5, 2, 100) instead of powers of ten on a log axis; minor ticks labelled small when asked."""
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    if minor:
+        axis.set_minor_formatter(plain)
+        axis.set_tick_params(which="minor", labelsize=7)
 
 def _layer_axis(ax, index: Sequence[int]) -> None:
     """Integer ticks at every layer index and a labelled x axis."""
@@ -75,6 +84,7 @@ def plot_geometry_summary(qualities: pd.DataFrame, *, title: str | None = None) 
     ax.plot(x, q["mean_min_dist"], "o-", color="tab:red", label="closest other-class sample (class mean)")
     ax.plot(x, q["mean_norm"], "o-", color="black", label="feature norm (class mean)")
     ax.set_yscale("log")
+    _plain_log_ticks(ax.yaxis)
     ax.set_ylabel("Euclidean length")
     ax.set_title("Margin and scale")
     ax.legend(fontsize=7)
@@ -161,6 +171,7 @@ def plot_class_spectra(analysis: dict[int, dict], layers: Sequence[int], *, thre
             ax.plot(k, np.cumsum(row), lw=1, alpha=0.8)
         ax.axhline(threshold, ls=":", color="black")
         ax.set_xscale("log")
+        _plain_log_ticks(ax.xaxis, minor=False)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("number of principal directions k")
         ax.set_title(f"layer {layer}: mean ED {r['ed_mean']:.0f}, T = {r['truncation']}", fontsize=9)

@@ -386,8 +386,12 @@ def test_plots_return_figures(tiny_setup, tiny_cache, tmp_path):
     assert isinstance(fig, Figure) and len(fig.axes[0].lines) == 4
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][:4] == [
         "Separation S", "Information I", "Efficiency E", r"Knowledge quality $Q = S + \sqrt{I \cdot E}$"]
-    assert len(plots.plot_geometry_summary(df).axes) == 6
+    summary = plots.plot_geometry_summary(df)
+    assert len(summary.axes) == 6
+    assert summary.axes[1].yaxis.get_major_formatter()(0.5, 0) == "0.5"        # log axes read as plain numbers
     analysis = kq.layer_analysis(model, data, **kwargs)
+    spectra = plots.plot_class_spectra(analysis, [1, 3])
+    assert spectra.axes[0].xaxis.get_major_formatter()(100.0, 0) == "100"
     assert len([a for a in plots.plot_pca(analysis, [0, 5], data.classes).axes if a.get_visible()]) == 2
     assert len(plots.plot_class_spectra(analysis, [1, 3]).axes) == 2
     with pytest.raises(ValueError, match="not in the analysis"):
