@@ -26,7 +26,7 @@ KQ_STYLE = {  # column: (label, colour, line width) -- the paper's colours for t
 
 
 
-def _plain_log_ticks(axis: "matplotlib.axis.Axis", minor: bool = True) -> None:
+def plain_log_ticks(axis: "matplotlib.axis.Axis", minor: bool = True) -> None:
     """Plain numbers (0.5, 2, 100) instead of powers of ten on a log axis; minor ticks labelled small when asked."""
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(plain)
@@ -84,7 +84,7 @@ def plot_geometry_summary(qualities: pd.DataFrame, *, title: str | None = None) 
     ax.plot(x, q["mean_min_dist"], "o-", color="tab:red", label="closest other-class sample (class mean)")
     ax.plot(x, q["mean_norm"], "o-", color="black", label="feature norm (class mean)")
     ax.set_yscale("log")
-    _plain_log_ticks(ax.yaxis)
+    plain_log_ticks(ax.yaxis)
     ax.set_ylabel("Euclidean length")
     ax.set_title("Margin and scale")
     ax.legend(fontsize=7)
@@ -171,7 +171,7 @@ def plot_class_spectra(analysis: dict[int, dict], layers: Sequence[int], *, thre
             ax.plot(k, np.cumsum(row), lw=1, alpha=0.8)
         ax.axhline(threshold, ls=":", color="black")
         ax.set_xscale("log")
-        _plain_log_ticks(ax.xaxis, minor=False)
+        plain_log_ticks(ax.xaxis, minor=False)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("number of principal directions k")
         ax.set_title(f"layer {layer}: mean ED {r['ed_mean']:.0f}, T = {r['truncation']}", fontsize=9)

@@ -22,7 +22,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from kdutils.distill import REGISTRY
-from kdutils.plots import KQ_STYLE
+from kdutils.plots import KQ_STYLE, plain_log_ticks
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -436,7 +436,6 @@ def plot_feature_distance(results: dict, *, metric: str = "feature_mse", title: 
     pairs = max(len(v) for v in rows.values())
     fig = Figure(figsize=(3.3 * pairs + 2.2, 3.0 * len(groups) + 0.6), layout="constrained")
     grid = fig.subplots(len(groups), pairs, squeeze=False)
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for (group, methods), axes in zip(groups.items(), grid):
         for i, ax in enumerate(axes):
             for method in methods:
@@ -451,9 +450,7 @@ def plot_feature_distance(results: dict, *, metric: str = "feature_mse", title: 
             ax.grid(alpha=0.3)
             if metric == "feature_mse":
                 ax.set_yscale("log")
-                ax.yaxis.set_major_formatter(plain)
-                ax.yaxis.set_minor_formatter(plain)
-                ax.tick_params(axis="y", which="minor", labelsize=7)
+                plain_log_ticks(ax.yaxis)
         axes[0].set_ylabel({"feature_mse": "MSE to the teacher target", "feature_cka": "linear CKA with the target"}
                            .get(metric, metric))
         axes[-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)

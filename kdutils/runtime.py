@@ -81,8 +81,7 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
     """One paragraph stating the estimated series time per device and what the estimate rests on."""
     est = {d: estimate_runtime(config, d) for d in devices}
     first = est[devices[0]]
-    fmt = lambda s: f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"  # noqa: E731
-    times = ", ".join(f"{d.upper()} ~{fmt(e['total'])}" for d, e in est.items())
+    times = ", ".join(f"{d.upper()} ~{_duration(e['total'])}" for d, e in est.items())   # totals >= 180 s
     return (f"Estimated time of the whole series for preset {config['preset']} (an estimate, NOT measured: no GPU "
             f"has been measured by this project): {times}. Based on {first['teacher_gflops']:.2f} / "
             f"{first['student_gflops']:.2f} GFLOP per forward image (teacher {config['teacher']} / student "
