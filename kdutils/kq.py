@@ -164,7 +164,7 @@ def layer_analysis(model: nn.Module, dataset, layers: Sequence[int] | None = Non
     if bad:
         raise ValueError(f"layers {bad} do not exist: the model has {len(gen)} generalized layers "
                          f"(0..{len(gen) - 1}); see kdutils.layers.layer_table(model, image_size).")
-    sample = class_balanced_sample(dataset.y_train, max_samples, per_class, seed)
+    class_balanced_sample(dataset.y_train, max_samples, per_class, seed)   # fails early on impossible sample sizes
     model_hash, data_hash = state_fingerprint(model), fingerprint(dataset)
     key = {"version": KQ_VERSION, "model": model_hash, "data_fingerprint": data_hash, "seed": int(seed),
            "max_samples": int(max_samples), "per_class": int(per_class), "num_train": int(dataset.num_train),

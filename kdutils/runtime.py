@@ -89,7 +89,7 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
             f"{first['student_runs']} student runs x {config['student_epochs']} epochs, and an assumed sustained "
             f"throughput of " + ", ".join(f"{e['assumed_flops'] / 1e12:.0f} TFLOP/s on the {d.upper()}"
                                           for d, e in est.items()) +
-            f" (kdutils.runtime.ASSUMED_TRAIN_FLOPS); downloads not included.")
+            " (kdutils.runtime.ASSUMED_TRAIN_FLOPS); downloads not included.")
 
 
 # MEASURED per-notebook seconds of whole series (`python -m kdutils.pipeline --preset P --validate-kq`, alone on
@@ -98,9 +98,16 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
 # prints that it has not been measured.
 MEASURED = {
     "quick": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last",
-              "date": "2026-12-03", "seconds": {"01_train_teacher": 21, "02_probe_layer_geometry": 18,
-                                                "03_compute_kq": 17, "04_distill_without_ce": 17,
-                                                "05_compare_to_hinton_kd": 31, "06_validate_kq": 40}},
+              "date": "2026-12-03", "seconds": {"01_train_teacher": 17, "02_probe_layer_geometry": 13,
+                                                "03_compute_kq": 13, "04_distill_without_ce": 11,
+                                                "05_compare_to_hinton_kd": 21, "06_validate_kq": 26}},
+    # one resumed run (reports/cifar10-cpu/README.md): notebooks 1-4 ran beside other jobs (upper bounds), notebook 5
+    # is three times its alone-timed third seed plus evaluation, notebook 6 ran alone.
+    "cifar10-cpu": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last; "
+                               "see reports/cifar10-cpu",
+                    "date": "2026-12-03", "seconds": {"01_train_teacher": 884, "02_probe_layer_geometry": 112,
+                                                      "03_compute_kq": 114, "04_distill_without_ce": 274,
+                                                      "05_compare_to_hinton_kd": 1750, "06_validate_kq": 1094}},
 }
 
 
