@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from kdutils.datasets import DATASETS, NPZ_FORMAT, dataset_arrays, read_npz
 
-_ALIASES = {"tinyimagenet200": "tinyimagenet", "cifar10subset": "cifar10-subset"}  # after lower-casing and dropping '-', '_' and spaces
+# Keys after lower-casing and dropping '-', '_' and spaces.
+_ALIASES = {"tinyimagenet200": "tinyimagenet", "cifar10subset": "cifar10-subset"}
 
 
 @dataclass(frozen=True, eq=False)

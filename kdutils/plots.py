@@ -25,7 +25,6 @@ KQ_STYLE = {  # column: (label, colour, line width) -- the paper's colours for t
 }
 
 
-
 def plain_log_ticks(axis: "matplotlib.axis.Axis", minor: bool = True) -> None:
     """Plain numbers (0.5, 2, 100) instead of powers of ten on a log axis; minor ticks labelled small when asked."""
     plain = FuncFormatter(lambda v, _: f"{v:g}")
@@ -33,6 +32,7 @@ def plain_log_ticks(axis: "matplotlib.axis.Axis", minor: bool = True) -> None:
     if minor:
         axis.set_minor_formatter(plain)
         axis.set_tick_params(which="minor", labelsize=7)
+
 
 def _layer_axis(ax, index: Sequence[int]) -> None:
     """Integer ticks at every layer index and a labelled x axis."""

@@ -119,7 +119,7 @@ PRESETS = {
     # Converged on the course's CIFAR-10 subset (10,000 training images, 9,000 after the validation split): a
     # from-scratch teacher with crop + flip (teacher_augment, a CPU-preset choice, not the paper's recipe) reaches
     # about 77% in 20 epochs (~23 s each on 2 cores), clearly above any student alone (ce about 62% after 15
-    # epochs, gaining under 1 point over its last quarter); students ~6-9 s per epoch; notebook 5 is 18 runs x 15
+    # epochs, gaining under 1 point over its last quarter); students ~5-7 s per epoch alone; notebook 5 is 18 runs x 15
     # epochs, notebook 6 is 2 seeds x (7 swap runs + the distinct selections) of 6 epochs.
     "cifar10-cpu": _preset("cifar10-subset", _CPU_PAIR, epochs=(20, 15), seeds=[0, 1, 2], pretrained=False,
                            methods=_CPU_METHODS, validation_epochs=6, teacher_augment=True),
@@ -136,12 +136,12 @@ PRESETS = {
 }
 
 PRESET_NOTES = {
-    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline), what CI runs; a couple of minutes "
-             "on 2 cores (kdutils.runtime.MEASURED)",
+    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline), what CI runs; under two minutes on "
+             "2 cores (kdutils.runtime.MEASURED)",
     "cifar10-cpu": "the course's CIFAR-10 subset (cifar10-subset: 1,000 training images per class, 10% of them held "
                    "out for validation, 200 test images per class; data/README.md) with the CPU-scale pair, a teacher "
                    "trained 20 epochs with crop + flip, students 15 epochs, 3 seeds (notebook 6: 6-epoch runs, 2 "
-                   "seeds); the committed notebooks' preset; its time is in kdutils.runtime.MEASURED once measured",
+                   "seeds); the committed notebooks' preset; about 70 minutes on 2 cores (kdutils.runtime.MEASURED)",
     "cifar10": "the paper's setting on CIFAR-10 (50 epochs, AdamW/OneCycle, no augmentation, 3 seeds); GPU",
     "cifar100": "the paper's setting on CIFAR-100 (fine labels); GPU",
     "tinyimagenet": "the paper's setting on Tiny ImageNet (64x64, 200 classes); GPU",

@@ -83,13 +83,17 @@ def summarize_runs(runs: dict[str, list[list[dict]]], *, teacher: dict, preset: 
 PLATEAU_POINTS = 1.0
 
 
+def quarter_epochs(epochs: int) -> int:
+    """How many epochs the last quarter of a run holds (at least one)."""
+    return max(1, epochs // 4)
+
+
 def last_quarter_gain(curve: Sequence[float]) -> float | None:
-    """Points of test accuracy gained over the last quarter of the epochs (at least one): curve[-1] minus the value
-    at the epoch before that quarter began; None for a one-epoch curve."""
+    """Points of test accuracy gained over the last quarter of the epochs (quarter_epochs): curve[-1] minus the
+    value at the epoch before that quarter began; None for a one-epoch curve."""
     if len(curve) < 2:
         return None
-    quarter = max(1, len(curve) // 4)
-    return 100 * (curve[-1] - curve[-quarter - 1])
+    return 100 * (curve[-1] - curve[-quarter_epochs(len(curve)) - 1])
 
 
 def _nanmean(values: Sequence[float | None]) -> float | None:
@@ -232,10 +236,11 @@ def verdicts(results: dict, baseline: str = "ce") -> list[str]:
     gain = m.get(baseline, {}).get("last_quarter_gain")
     if gain is not None:
         n = len(m[baseline]["curve"])
-        lines.append(f"The {baseline} student gained {gain:+.2f} points over its last {max(1, n // 4)} of {n} epochs: "
-                     + (f"at its plateau (under {PLATEAU_POINTS:g} point)." if gain < PLATEAU_POINTS else
-                        "still climbing, so this budget stops the students before they converge and the comparison "
-                        "says little about converged students."))
+        state = (f"at its plateau (under {PLATEAU_POINTS:g} point)." if gain < PLATEAU_POINTS else
+                 "still climbing, so this budget stops the students before they converge and the comparison says "
+                 "little about converged students.")
+        lines.append(f"The {baseline} student gained {gain:+.2f} points over its last {quarter_epochs(n)} of {n} "
+                     f"epochs: {state}")
     if baseline in m and teacher["test_acc"] <= m[baseline]["final_acc_mean"]:
         lines.append(f"The teacher ({teacher['test_acc']:.2%}) is not better than the {baseline} student "
                      f"({m[baseline]['final_acc_mean']:.2%}): it has nothing to teach that the labels do not, so no "
