@@ -12,6 +12,10 @@ validation split; kdutils.rundir: a writable run_dir), and holds run_dir/run.loc
 kdutils.sweep_tasks (notebooks 1-3 of each combination) and the benchmarks.
 
 papermill, nbformat and yaml are imported only by the runner and the CLI, so notebooks need none of them.
+
+Each notebook runs in its own fresh kernel, as under Jupyter; the runner starts the next notebook's kernel while the
+current one runs, and that kernel imports the course's modules before it answers (PRESTART_IMPORTS), so the next
+set-up cell does not wait for torch, torchvision and matplotlib.
 """
 from __future__ import annotations
 
@@ -133,6 +137,39 @@ def _kernel_manager_logging_to(log: Path) -> type:
     return LoggingKernelManager
 
 
+# What every notebook's set-up cell imports (torch, torchvision, matplotlib, pandas, scipy come with them): about
+# 4 s per notebook on 2 cores, paid while the previous notebook runs instead (_prestarted_kernel).
+PRESTART_IMPORTS = ("kdutils.notebook", "kdutils.train", "kdutils.distill", "kdutils.kq", "kdutils.plots",
+                    "kdutils.result_plots", "kdutils.validation", "kdutils.report", "matplotlib.pyplot")
+
+
+def _prestarted_kernel(manager_class: type, kernel_name: str, cwd: Path) -> Any | None:
+    """A kernel started now in `cwd` that imports PRESTART_IMPORTS before it answers, or None if it cannot start.
+
+    The runner starts the next notebook's kernel while the current one runs, so the next set-up cell finds its
+    modules imported. Each notebook still gets its own fresh process, and its namespace stays empty (the imports run
+    in a throw-away dict). On None, papermill starts the kernel itself and reports any failure as usual."""
+    from jupyter_core.utils import run_sync
+    code = f"exec({'import ' + ', '.join(PRESTART_IMPORTS)!r}, {{}})"
+    manager = manager_class(kernel_name=kernel_name)
+    try:
+        run_sync(manager.start_kernel)(cwd=str(cwd), extra_arguments=[f"--IPKernelApp.exec_lines={code}"])
+    except Exception:  # noqa: BLE001 (any failure: let papermill start the kernel and say why)
+        return None
+    return manager
+
+
+def _shut_down(manager: Any | None) -> None:
+    """Stop a prestarted kernel once its notebook has finished (a no-op for None or one already gone). Immediate:
+    every cell has run and papermill has written the executed copy, so a polite shutdown would only cost ~2 s."""
+    if manager is not None and manager.has_kernel:
+        from jupyter_core.utils import run_sync
+        try:
+            run_sync(manager.shutdown_kernel)(now=True)
+        except Exception:  # noqa: BLE001 (never hide the error or the Ctrl-C that brought us here)
+            pass
+
+
 def _drop_unknown_parameter_warnings(record: logging.LogRecord) -> bool:
     """Logging filter for papermill's logger: drop its 'Passed unknown parameter' warnings. run_pipeline gives every
     notebook all settings on purpose (setup reads each config key from globals, so all notebooks share one config),
@@ -219,15 +256,21 @@ def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: d
     kernel_manager = _kernel_manager_logging_to(kernel_log)
     papermill_log = logging.getLogger("papermill")
     papermill_log.addFilter(_drop_unknown_parameter_warnings)
+    current = upcoming = None       # this notebook's kernel and the next one's, both started ahead (prestarted)
     try:
+        upcoming = _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir)
         for i, path in enumerate(paths, 1):
             executed = run_dir / "executed" / path.name
             log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)
             start = time.perf_counter()
+            current, upcoming = upcoming, None
+            if i < len(paths):
+                upcoming = _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir)
             try:
                 papermill.execute_notebook(path, executed, parameters=parameters, kernel_name=kernel_name,
                                            language="python", cwd=str(notebooks_dir), log_output=log_output,
-                                           progress_bar=progress, kernel_manager_class=kernel_manager)
+                                           progress_bar=progress, kernel_manager_class=kernel_manager,
+                                           km=current, start_timeout=120)
             except KeyboardInterrupt:
                 raise PipelineInterrupted(finished, path.name) from None
             except PapermillExecutionError as err:
@@ -244,10 +287,13 @@ def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: d
                 logged = kernel_log.is_file() and kernel_log.stat().st_size > 0
                 raise NotebookFailed(path.name, executed, None, type(err).__name__,
                                      f"{err}" + (f" (the kernel's log: {kernel_log})" if logged else "")) from err
+            _shut_down(current)
             log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
             finished.append(path.name)
     finally:
         papermill_log.removeFilter(_drop_unknown_parameter_warnings)
+        for manager in (current, upcoming):
+            _shut_down(manager)
 
     if NOTEBOOKS[4] not in {p.name for p in paths} and not (run_dir / RESULTS_FILE).exists():
         return {}                         # a partial series (e.g. notebooks 1-3): no results table yet

@@ -356,6 +356,50 @@ def test_run_pipeline_success(notebooks_dir, tmp_path, capsys):
         assert all(c.get("execution_count") for c in executed.cells if c.cell_type == "code")
 
 
+def test_each_notebook_gets_its_own_prestarted_kernel(tmp_path, monkeypatch):
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    probe = ("import json, os, sys\nfrom pathlib import Path\n"
+             "names = sorted(n for n in globals() if not n.startswith('_'))\n"
+             "Path(run_dir, Path(os.getcwd()).name + str(len(list(Path(run_dir).glob('*.json')))) + '.json')"
+             ".write_text(json.dumps({'pid': os.getpid(), 'names': names,\n"
+             "                        'imported': [m for m in pipeline_imports if m in sys.modules]}))")
+    for name in ("one", "two"):
+        _notebook(folder / f"{name}.ipynb", f"pipeline_imports = {list(pipeline.PRESTART_IMPORTS)!r}", probe)
+    started = []
+    real = pipeline._prestarted_kernel
+    monkeypatch.setattr(pipeline, "_prestarted_kernel", lambda *a: started.append(real(*a)) or started[-1])
+    run_dir = tmp_path / "run"
+    run_pipeline(run_dir, "quick", notebooks_dir=folder, notebooks=["one", "two"], progress=False)
+    seen = [json.loads((run_dir / f"nbs{i}.json").read_text()) for i in range(2)]
+    assert seen[0]["pid"] != seen[1]["pid"]              # a fresh process per notebook
+    for s in seen:    # the course's modules were imported before the first cell, none of their names bound
+        assert s["imported"] == list(pipeline.PRESTART_IMPORTS)
+        assert not {"torch", "kdutils", "matplotlib", "plt"} & set(s["names"])
+    assert len(started) == 2 and all(m is not None and not m.has_kernel for m in started)  # all shut down
+
+
+def test_kernels_are_shut_down_when_a_notebook_fails(notebooks_dir, tmp_path, monkeypatch):
+    started = []
+    real = pipeline._prestarted_kernel
+    monkeypatch.setattr(pipeline, "_prestarted_kernel", lambda *a: started.append(real(*a)) or started[-1])
+    with pytest.raises(NotebookFailed):
+        run_pipeline(tmp_path / "run", "quick", notebooks_dir=notebooks_dir,
+                     notebooks=["fail.ipynb", "a.ipynb", "z.ipynb"], progress=False)
+    assert len(started) == 2 and not any(m.has_kernel for m in started)  # fail's and a's (started ahead)
+
+
+def test_a_kernel_that_cannot_prestart_is_left_to_papermill(tmp_path):
+    class Broken:
+        def __init__(self, kernel_name: str):
+            self.kernel_name = kernel_name
+
+        async def start_kernel(self, **kw):
+            raise OSError("no such kernel")
+    assert pipeline._prestarted_kernel(Broken, "python3", tmp_path) is None
+    pipeline._shut_down(None)   # a no-op
+
+
 def test_relative_dataset_paths_are_resolved_from_the_callers_directory(tmp_path, monkeypatch):
     folder = tmp_path / "nbs"
     folder.mkdir()
