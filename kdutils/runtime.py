@@ -98,9 +98,9 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
 # prints that it has not been measured.
 MEASURED = {
     "quick": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last",
-              "date": "2026-12-03", "seconds": {"01_train_teacher": 17, "02_probe_layer_geometry": 13,
-                                                "03_compute_kq": 13, "04_distill_without_ce": 11,
-                                                "05_compare_to_hinton_kd": 21, "06_validate_kq": 26}},
+              "date": "2026-12-03", "seconds": {"01_train_teacher": 12, "02_probe_layer_geometry": 9,
+                                                "03_compute_kq": 8, "04_distill_without_ce": 8,
+                                                "05_compare_to_hinton_kd": 19, "06_validate_kq": 20}},
     # one resumed run (reports/cifar10-cpu/README.md): notebooks 1-4 ran beside other jobs (upper bounds), notebook 5
     # is three times its alone-timed third seed plus evaluation, notebook 6 ran alone.
     "cifar10-cpu": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last; "
