@@ -18,6 +18,7 @@ Numerics (documented choices):
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -271,12 +272,25 @@ def class_spectrum(x: torch.Tensor) -> torch.Tensor:
     return ev / total if total > 0 else torch.zeros(rank, dtype=torch.float64)
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch's CPU kernels (OpenMP and MKL) on one thread inside the block. torch.set_num_threads costs
+    microseconds, where threadpoolctl rescans every loaded library (about 4 ms a call with the course's imports,
+    hundreds of calls per KQ table); threadpoolctl stays for scikit-learn's BLAS (linear_probe)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _eigvalsh(k: torch.Tensor) -> torch.Tensor:
     """Ascending eigenvalues (CPU float64 tensor) of a symmetric matrix. On the CPU the solver runs single-threaded:
     its many short parallel regions made the 2-thread solver 30-100x slower when other processes share the cores."""
     if k.device.type != "cpu":
         return torch.linalg.eigvalsh(k).cpu()
-    with threadpool_limits(limits=1):
+    with one_torch_thread():
         return torch.linalg.eigvalsh(k)
 
 
@@ -366,7 +380,7 @@ def feature_geometry(x: torch.Tensor, codes: torch.Tensor, spectra: Sequence[tor
         raise ValueError("features contain NaN or inf; check the model (e.g. a diverged checkpoint).")
     gram = x @ x.T
     # the rest is O(n^2) and memory-bound: one thread, since OpenMP spin-waits of 2 threads stall on shared cores
-    with threadpool_limits(limits=1):
+    with one_torch_thread():
         out = gram_statistics(x, codes, num_classes, gram=gram, norms=norms)
         out.update(spectrum_summary(spectra, width))
         out["id_g"] = int(min(x.shape[0], x.shape[1]))

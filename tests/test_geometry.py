@@ -96,3 +96,16 @@ def test_gram_statistics_in_row_chunks_match_dense_float64():
         for o in range(3):
             want = np.nan if o == c else cos[np.ix_(inside, codes == o)].mean()
             np.testing.assert_allclose(stats["avg_inter"][c, o], want, rtol=1e-6)
+
+
+def test_one_torch_thread_limits_and_restores_even_on_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with geometry.one_torch_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
