@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from kdutils.data import Dataset, batches, load_dataset
 from kdutils.models import build_model
-from kdutils.precision import autocast, batch_to, describe, model_to, precision_for, record
+from kdutils.precision import CPU_BF16_FLAGS, autocast, batch_to, describe, model_to, precision_for, record
 from kdutils.runtime import forward_flops
 
 MODELS = ("resnet18_narrow", "resnet10_narrow", "resnet9")
@@ -214,6 +214,18 @@ def bench_fit(models: list[str], data: Dataset, rounds: int, batch: int) -> dict
     return out
 
 
+def cpu_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name and its native-bf16 flags, e.g. 'AMD EPYC (avx512_bf16)' (platform's name off Linux)."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in reversed(lines) if ":" in line)   # reversed: CPU 0's values win
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = [flag for flag in CPU_BF16_FLAGS if flag in fields.get("flags", "").split()]
+    return f"{fields.get('model name') or platform.machine()} ({', '.join(flags) or 'no native bf16 flag'})"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the benchmark, print its JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -234,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         result["fit"] = bench_fit(args.fit_models, fit_data(args.fit_data, args.fit_images), args.fit_rounds,
                                   args.batch)
     result.update(threads=args.threads, batch=args.batch, torch=torch.__version__, machine=platform.processor()
-                  or platform.machine(), precision_text=describe(precision_for("cpu")))
+                  or platform.machine(), cpu=cpu_name(), precision_text=describe(precision_for("cpu")))
     print(json.dumps(result, indent=1))
     return 0
 

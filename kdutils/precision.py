@@ -6,12 +6,13 @@ kdutils.distill, kdutils.teacher_cache, kdutils.monitor and kdutils.kq's feature
 `amp` switch (amp=False: plain fp32 NCHW). Losses, KQ's statistics (Gram, SVD, eigh) and accuracies are computed
 in fp32 whatever the forward pass ran in.
 
-The rule (the CPU rows measured with benchmarks/speed_bench.py on a Sapphire Rapids; the CUDA rows are the
+The rule (the CPU rows measured with benchmarks/speed_bench.py on a Sapphire Rapids and a Zen 4; the CUDA rows are the
 rule kdutils.train applied on CUDA before it covered every device):
 - CUDA with native bf16 (compute capability 8.0+: A100, H100, L4, RTX 30xx/40xx): bf16 autocast, channels_last.
 - older CUDA (T4, V100): fp16 autocast with a gradient scaler, channels_last.
 - a CPU with native bf16 kernels (Intel AMX or AVX-512-BF16, e.g. Sapphire Rapids, Zen 4): bf16 autocast,
-  channels_last (2-3x fp32 NCHW in a training step of the course's models).
+  channels_last (2-3x fp32 NCHW in a training step of the course's models on both; without AMX, Zen 4's bf16
+  matmul peak is only 2.2x its fp32 one, and the gain is nearer 2x).
 - any other CPU: fp32, channels_last (convolutions still gain from the layout; bf16 would be emulated, slower).
 - Apple MPS: fp32, contiguous (not measured: no Mac was at hand; see kdutils.train.default_device).
 - `amp=False`: fp32, contiguous NCHW on every device -- exactly the code path of kdutils before this rule.

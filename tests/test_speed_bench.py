@@ -37,3 +37,20 @@ def test_speed_bench_fit_section_compares_fit_with_the_plain_loop(shared_npz):
     value, target, met = fit["targets"]["student_speedup"]
     assert (value, target, met) == (row["speedup"], 1.6, row["speedup"] >= 1.6)
     assert "epoch 1/1" in out.stderr and "epoch" not in out.stdout              # fit's logs stay out of the JSON
+
+
+def test_cpu_name_reads_model_and_native_bf16_flags(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from speed_bench import cpu_name
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert cpu_name(info) == "AMD EPYC 9654 (avx512_bf16)"
+    info.write_text("model name\t: Intel Xeon Platinum 8480+\nflags\t\t: avx512_bf16 amx_bf16 amx_tile\n")
+    assert cpu_name(info) == "Intel Xeon Platinum 8480+ (amx_bf16, avx512_bf16)"
+    info.write_text("model name\t: Intel Core i7-8700\nflags\t\t: avx2 fma\n")
+    assert cpu_name(info) == "Intel Core i7-8700 (no native bf16 flag)"
+    assert cpu_name(tmp_path / "absent") != ""              # off Linux: the platform's name, never an error
