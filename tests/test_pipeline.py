@@ -571,3 +571,22 @@ def test_monitored_methods():
     assert presets.monitored(config, "feature_kd_ce") and not presets.monitored(config, "hinton_kd")
     assert not presets.monitored(config, "simkd") and not presets.monitored(config, "sp_kd")
     assert not presets.monitored({**config, "monitor": False}, "feature_kd_ce")
+
+
+def test_a_prestarting_kernel_runs_at_nice_19_until_its_notebook_starts():
+    """Linux autogroup: each kernel's session gets nice 19 while prestarting and 0 again for its notebook."""
+    import types
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+    try:
+        group = Path(f"/proc/{child.pid}/autogroup")
+        if not group.exists():
+            pytest.skip("no Linux autogroup here: _in_background is a no-op")
+        manager = types.SimpleNamespace(provisioner=types.SimpleNamespace(pid=child.pid))
+        pipeline._in_background(manager, True)
+        assert group.read_text().split()[-1] == "19"
+        pipeline._in_background(manager, False)
+        assert group.read_text().split()[-1] == "0"
+        pipeline._in_background(None, True)          # a kernel that never started: nothing to do, no error
+    finally:
+        child.kill()
+        child.wait()
