@@ -77,7 +77,9 @@ def _fit(amp: bool, **kw):
     return model, history
 
 
-# kdutils before the precision rule (commit 80fdf01, where the CPU always ran fp32 NCHW), this exact run, one thread
+# kdutils before the precision rule (commit 80fdf01, where the CPU always ran fp32 NCHW), this exact run, one thread,
+# on AVX-512 CPUs. fp32 kernels for other vector widths sum in another order: on an AVX2-only AMD EPYC the losses differ
+# by 1.7e-5 and the parameter sum by 2e-6 (relative), far below what bf16 would change (~1e-2)
 FP32_LOSSES = (2.357851505279541, 1.278846263885498)
 FP32_TEST_ACC = (0.3125, 0.4140625)
 FP32_PARAM_SUM = 692.0182706750254
@@ -85,9 +87,9 @@ FP32_PARAM_SUM = 692.0182706750254
 
 def test_amp_false_reproduces_the_fp32_numbers():
     model, history = _fit(False)
-    assert [h["loss"] for h in history] == pytest.approx(FP32_LOSSES, rel=1e-5)
+    assert [h["loss"] for h in history] == pytest.approx(FP32_LOSSES, rel=1e-4)
     assert [h["test_acc"] for h in history] == list(FP32_TEST_ACC)
-    assert float(sum(p.detach().double().sum() for p in model.parameters())) == pytest.approx(FP32_PARAM_SUM, rel=1e-6)
+    assert float(sum(p.detach().double().sum() for p in model.parameters())) == pytest.approx(FP32_PARAM_SUM, rel=1e-5)
     assert all(p.is_contiguous() for p in model.parameters())
 
 
@@ -107,7 +109,7 @@ def test_default_trains_in_bf16_channels_last_with_fp32_losses():
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
     # a different computation than fp32 (so the fp32 test above can tell them apart), but the same training
     losses = [h["loss"] for h in history]
-    assert losses != pytest.approx(FP32_LOSSES, rel=1e-5)
+    assert losses != pytest.approx(FP32_LOSSES, rel=1e-4)
     assert losses == pytest.approx(FP32_LOSSES, rel=0.05)
 
 
