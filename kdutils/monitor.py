@@ -83,10 +83,12 @@ def measure(model: nn.Module, inner: nn.Module, fixed: list, loss_fn: LossFn, te
                 with autocast(precision):
                     loss_fn(model, xb, yb, idx)
                 logit = sum(v for k, v in terms.items() if k in ("ce", "kl"))
-                for name, params in stages.items():
-                    add(logit_grads[name], torch.autograd.grad(logit, params, retain_graph=True, allow_unused=True))
-                    add(feature_grads[name], torch.autograd.grad(terms["feature"], params, retain_graph=True,
-                                                                 allow_unused=True))
+                if stages:                   # one backward pass per term for every stage, split afterwards
+                    params = [p for ps in stages.values() for p in ps]
+                    for store, term in ((logit_grads, logit), (feature_grads, terms["feature"])):
+                        grads = iter(torch.autograd.grad(term, params, retain_graph=True, allow_unused=True))
+                        for name, ps in stages.items():
+                            add(store[name], [next(grads) for _ in ps])
                 with torch.no_grad():
                     targets, _ = lookup(xb, idx)
                     for i, (layer, t, proj) in enumerate(zip(s_layers, targets, projectors)):
