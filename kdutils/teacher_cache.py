@@ -6,7 +6,8 @@ data's content fingerprint, so sharing is safe); with augmentation on, or when t
 budget, the teacher runs on the fly on the student's batch.
 
 Called by kdutils.distill (distill_loss sets up a run's teacher_lookup; fill_teacher_cache fills it ahead of the
-runs) and, through the lookup it returns, kdutils.monitor.
+runs), kdutils.validation (fill_targets: one pass for the targets of all of notebook 6's runs) and, through the lookup
+it returns, kdutils.monitor.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from kdutils.data import Dataset, batches
 from kdutils.data import fingerprint as data_fingerprint   # `fingerprint` names the teacher's weights' hash here
 from kdutils.feature_maps import Shape, Targets, feature_shapes
 from kdutils.layers import extract, tap
-from kdutils.precision import Precision, autocast, batch_to
+from kdutils.precision import Precision, autocast, batch_to, model_to, precision_for
+from kdutils.train import default_device, state_fingerprint
 
 TeacherLookup = Callable[[torch.Tensor, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
 
@@ -95,6 +97,8 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
     """A function (xb, idx) -> (teacher targets, teacher logits) reading the cache, or running the teacher.
 
     `targets` None: no features (a logits-only method); `logits`: whether the method needs the teacher's logits.
+    The cache holds one entry per target (teacher layer, target shape, kind), so runs whose layer sets overlap share
+    what they have in common, and one teacher pass fills every target that is missing.
     """
     features = targets is not None
     layers = list(t_layers) if features else []
@@ -116,18 +120,15 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
 
     if augment:
         return on_the_fly("augmentation on: the teacher sees the student's augmented batch")
-    # the teacher's weights, the data's content, and the precision its forward passes ran in
-    base = (fingerprint, data.name, data_fingerprint(data), precision.dtype)
-    keys = {}
-    if features:
-        keys["features"] = (*base, tuple(layers), tuple(targets_shapes), targets.name)
-    if logits:
-        keys["logits"] = (*base, "logits")
-    missing = {k: (targets_shapes if k == "features" else ()) for k, key in keys.items() if key not in cache}
-    if missing:
+    keys = target_keys(fingerprint, data, precision, targets, layers, targets_shapes) if features else []
+    logits_key = (*cache_base(fingerprint, data, precision), "logits") if logits else None
+    todo = [i for i, key in enumerate(keys) if key not in cache and keys.index(key) == i]   # first pair of each key
+    reused = len(set(keys)) - len(todo)
+    want_logits = logits_key is not None and logits_key not in cache
+    if todo or want_logits:
         n = data.num_train
-        mb = (sum(n * 2 * torch.Size(s).numel() for s in targets_shapes) if "features" in missing else 0) / 2**20
-        mb += (n * 4 * data.num_classes if "logits" in missing else 0) / 2**20
+        mb = (sum(n * 2 * torch.Size(targets_shapes[i]).numel() for i in todo) + (n * 4 * data.num_classes
+              if want_logits else 0)) / 2**20
         budget = _cache_budget_mb(device, cache_budget_mb)
         if mb > budget:
             return on_the_fly(f"the cache would need {mb:.0f} MB > budget {budget:.0f} MB; raise cache_budget_mb "
@@ -136,20 +137,26 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
         if device.type == "cuda" and mb > 0.6 * torch.cuda.mem_get_info(device)[0] / 2**20:
             store = torch.device("cpu")     # pinned host memory, copied per batch
         t0 = time.perf_counter()
-        built = _build_cache(teacher, data.to(device), layers, s_shapes, t_shapes, missing, store, device,
-                             batch_size, progress, targets, precision)
+        want = {**({"features": [targets_shapes[i] for i in todo]} if todo else {}),
+                **({"logits": ()} if want_logits else {})}
+        built = _build_cache(teacher, data.to(device), [layers[i] for i in todo], [s_shapes[i] for i in todo],
+                             [t_shapes[i] for i in todo], want, store, device, batch_size, progress, targets,
+                             precision)
         seconds = time.perf_counter() - t0
-        for k, tensors in built.items():
-            size = (sum(t.numel() * t.element_size() for t in tensors) if isinstance(tensors, list)
-                    else tensors.numel() * tensors.element_size()) / 2**20
-            cache[keys[k]] = {"tensors": tensors, "device": str(store), "megabytes": size, "seconds": seconds}
-        print(f"teacher {what}: cached on {store} ({mb:.1f} MB, {seconds:.1f}s)", flush=True)
+        new = dict(zip([keys[i] for i in todo], built.get("features", [])))
+        if want_logits:
+            new[logits_key] = built["logits"]
+        for key, tensor in new.items():
+            cache[key] = {"tensors": tensor, "device": str(store), "seconds": seconds,
+                          "megabytes": tensor.numel() * tensor.element_size() / 2**20}
+        print(f"teacher {what}: cached on {store} ({mb:.1f} MB, {seconds:.1f}s"
+              f"{f'; {reused} of {len(set(keys))} targets reused' if reused else ''})", flush=True)
     else:
-        entries = [cache[key] for key in keys.values()]
+        entries = [cache[key] for key in dict.fromkeys([*keys, *([logits_key] if logits_key else [])])]
         mb = sum(e["megabytes"] for e in entries)
         print(f"teacher {what}: reusing the cache on {entries[0]['device']} ({mb:.1f} MB)", flush=True)
-    feats_cached = cache[keys["features"]]["tensors"] if features else []
-    logits_cached = cache[keys["logits"]]["tensors"] if logits else None
+    feats_cached = [cache[key]["tensors"] for key in keys]
+    logits_cached = cache[logits_key]["tensors"] if logits_key else None
 
     def lookup(xb: torch.Tensor, idx: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         rows = idx.to(feats_cached[0].device if feats_cached else logits_cached.device)
@@ -157,3 +164,48 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
         teacher_logits = logits_cached[rows].to(xb.device, non_blocking=True) if logits_cached is not None else None
         return cached, teacher_logits
     return lookup
+
+
+def cache_base(fingerprint: str, data: Dataset, precision: Precision) -> tuple:
+    """What every cache entry of a teacher on a dataset shares: the teacher's weights, the data's name and content,
+    and the precision its forward passes ran in."""
+    return (fingerprint, data.name, data_fingerprint(data), precision.dtype)
+
+
+def target_keys(fingerprint: str, data: Dataset, precision: Precision, targets: Targets, layers: Sequence[int],
+                targets_shapes: Sequence[Shape]) -> list[tuple]:
+    """The cache key of each target: cache_base, the teacher layer, the target's shape and kind."""
+    base = cache_base(fingerprint, data, precision)
+    return [(*base, layer, tuple(shape), targets.name) for layer, shape in zip(layers, targets_shapes)]
+
+
+def fill_targets(teacher: nn.Module, student: nn.Module, data: Dataset, targets: Targets, s_layers: Sequence[int],
+                 t_layers: Sequence[int], *, cache: dict, device: torch.device | str | None = None, amp: bool = True,
+                 batch_size: int = 256, cache_budget_mb: float | None = None) -> bool:
+    """Put in `cache`, with one teacher pass, the targets of many (student layer, teacher layer) pairs, e.g. those of
+    several runs whose layer sets differ (notebook 6), so that each run then reads them instead of running the teacher
+    over the data once more. `student` gives the student layers' shapes (the network whose layers are distilled);
+    `device` and `amp` must be the runs'. Returns False, doing nothing, when nothing is missing or the missing
+    targets would not fit the cache budget together (then each run caches its own)."""
+    device = torch.device(device) if device is not None else default_device()
+    precision = precision_for(device, amp)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        model_to(teacher, device, precision)
+        model_to(student, device, precision)
+        fingerprint = state_fingerprint(teacher)
+        s_shapes = feature_shapes(student, s_layers, data.image_size, device)
+        t_shapes = teacher_shapes(teacher, t_layers, data.image_size, device, cache, fingerprint)
+        shapes = [targets.shape(s, t) for s, t in zip(s_shapes, t_shapes)]
+        missing = {key: shape for key, shape in zip(target_keys(fingerprint, data, precision, targets, t_layers,
+                                                                shapes), shapes) if key not in cache}
+        mb = sum(data.num_train * 2 * torch.Size(shape).numel() for shape in missing.values()) / 2**20
+        if not missing or mb > _cache_budget_mb(device, cache_budget_mb):
+            return False
+        teacher_lookup(teacher, data, targets, False, t_layers, s_shapes, t_shapes, fingerprint=fingerprint,
+                       augment=False, cache=cache, cache_budget_mb=cache_budget_mb, device=device,
+                       batch_size=max(batch_size, 256), progress=False, precision=precision)
+        return True
+    finally:
+        teacher.train(was_training)

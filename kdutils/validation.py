@@ -21,13 +21,19 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 import torch.nn as nn
 from scipy import stats as sps
 
+from kdutils.checkpoints import load_checkpoint
 from kdutils.data import Dataset
-from kdutils.distill import distill
+from kdutils.distill import REGISTRY, distill
+from kdutils.feature_losses import distilled_network
+from kdutils.feature_maps import one_to_one
 from kdutils.kq import top_k  # noqa: F401  (notebook 6 imports it from here)
+from kdutils.models import build_model
 from kdutils.stats import paired_difference, verdict
+from kdutils.teacher_cache import fill_targets
 
 # Scores a layer can be ranked by: the paper's four (kdutils.kq), a linear probe and depth.
 PREDICTORS = {"quality": "Q = S + sqrt(IE)", "separation": "S", "information": "I", "efficiency": "E",
@@ -51,6 +57,23 @@ def _run(teacher: nn.Module, student: str, data: Dataset, teacher_layers: Sequen
     return distill(teacher, student, data, "feature_kd", teacher_layers=list(teacher_layers),
                    student_layers=list(student_layers), seed=seed, cache=cache, checkpoint=checkpoint,
                    progress=progress, **recipe)
+
+
+def _fill_cache(teacher: nn.Module, student: str, data: Dataset, runs: Sequence[tuple[Sequence[int], Path | None]],
+                student_layers: Sequence[int], recipe: dict, cache: dict) -> None:
+    """One teacher pass for the targets of every run still to train ((teacher layers, checkpoint) pairs), instead of
+    one per run: the sets overlap, and each would run the teacher over the data again (kdutils.teacher_cache)."""
+    todo = [layers for layers, ck in runs if ck is None or not ck.exists()
+            or load_checkpoint(ck).get("epoch", 0) < recipe["epochs"]]
+    if len(todo) < 2 or recipe.get("augment"):
+        return
+    unit = REGISTRY["feature_kd"].unit
+    pairs = [unit.pairs(*one_to_one(student_layers, layers)) for layers in todo]
+    with torch.device("meta"):           # the student only gives its layers' shapes: no weights drawn from the RNG
+        net = build_model(student, data.num_classes, data.image_size)
+    student_net = distilled_network(unit, net.to_empty(device="cpu"))
+    fill_targets(teacher, student_net, data, unit.targets, [s for p in pairs for s in p[0]],
+                 [t for p in pairs for t in p[1]], cache=cache, batch_size=recipe.get("batch_size", 128))
 
 
 def stage_slot(layer: int, base: Sequence[int]) -> int:
@@ -83,6 +106,10 @@ def swap_sweep(teacher: nn.Module, student: str, val_data: Dataset, layers: Sequ
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
     ck = lambda name: folder / name if folder is not None else None  # noqa: E731
+    runs = [(list(base_layers), ck(f"base-seed{seed}.pt")) for seed in seeds]
+    runs += [(swapped(t, base_layers), ck(f"swap{t}-seed{seed}.pt")) for seed in seeds for t in layers
+             if swapped(t, base_layers) != list(base_layers)]
+    _fill_cache(teacher, student, val_data, runs, student_layers, recipe, cache)
     rows = []
     for seed in seeds:
         print(f"--- base: teacher layers {list(base_layers)} -> student layers {list(student_layers)}, seed {seed}",
@@ -233,14 +260,17 @@ def compare_selections(teacher: nn.Module, student: str, data: Dataset, selectio
     distinct: dict[tuple[int, ...], list[str]] = {}
     for name, layers in selections.items():
         distinct.setdefault(tuple(sorted(int(t) for t in layers)), []).append(name)
+    ck = lambda layers, seed: (folder / f"top{len(layers)}-{'-'.join(map(str, layers))}-seed{seed}.pt"  # noqa: E731
+                               if folder is not None else None)
+    _fill_cache(teacher, student, data, [(layers, ck(layers, seed)) for layers in distinct for seed in seeds],
+                student_layers, recipe, cache)
     rows = []
     for layers, names in distinct.items():
         finals, bests = [], []
         for seed in seeds:
             print(f"--- teacher layers {list(layers)} ({', '.join(names)}), seed {seed}", flush=True)
-            tag = "-".join(map(str, layers))
-            ck = folder / f"top{len(layers)}-{tag}-seed{seed}.pt" if folder is not None else None
-            history = _run(teacher, student, data, layers, student_layers, seed, ck, recipe, cache, progress)
+            history = _run(teacher, student, data, layers, student_layers, seed, ck(layers, seed), recipe, cache,
+                           progress)
             finals.append(history[-1]["test_acc"])
             bests.append(max(h["test_acc"] for h in history))
         rows.append({"layers": list(layers), "chosen by": ", ".join(names), "test_final": float(np.mean(finals)),

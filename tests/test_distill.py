@@ -336,18 +336,32 @@ def test_cache_reuse_and_invalidation(tiny, capsys, tmp_path):
     assert calls[0] == first, "a second run with the same cache must not run the teacher"
     assert "reusing the cache" in capsys.readouterr().out
     old = {k: v for k, v in cache.items() if isinstance(v, dict)}
-    assert len(old) == 1
+    assert len(old) == len(SMALL_LAYERS)         # one entry per target (teacher layer, target shape, kind)
 
     with torch.no_grad():                        # a new teacher checkpoint: a new key, features recomputed
         teacher.layer1[0].conv1.weight.mul_(-1.0)
     distill(teacher, STUDENT, tiny, "feature_kd", **kw)
     assert calls[0] > first
     new = {k: v for k, v in cache.items() if isinstance(v, dict) and k not in old}
-    assert len(new) == 1
-    (old_entry,), (new_entry,) = old.values(), new.values()
-    assert old_entry["tensors"][0].dtype == torch.float16
-    assert not torch.equal(old_entry["tensors"][0], new_entry["tensors"][0])
+    assert len(new) == len(SMALL_LAYERS)
+    old_entry, new_entry = next(iter(old.values())), next(iter(new.values()))
+    assert old_entry["tensors"].dtype == torch.float16
+    assert not torch.equal(old_entry["tensors"], new_entry["tensors"])
     handle.remove()
+
+
+def test_runs_whose_layers_overlap_share_their_cached_targets(tiny, capsys):
+    seed_everything(5)
+    teacher = build_model(SMALL, 10)
+    cache: dict = {}
+    kw = dict(epochs=1, lr=0.005, seed=0, batch_size=8, cache=cache, progress=False, device="cpu")
+    distill(teacher, STUDENT, tiny, "feature_kd", teacher_layers=SMALL_LAYERS, **kw)
+    first = {k: v["tensors"] for k, v in cache.items() if isinstance(v, dict)}
+    capsys.readouterr()
+    distill(teacher, STUDENT, tiny, "feature_kd", teacher_layers=[1, *SMALL_LAYERS[1:]], **kw)   # layer 1 in slot 0
+    assert "3 of 4 targets reused" in capsys.readouterr().out
+    entries = {k: v["tensors"] for k, v in cache.items() if isinstance(v, dict)}
+    assert len(entries) == len(first) + 1 and all(entries[k] is t for k, t in first.items())   # one new target
 
 
 @pytest.mark.parametrize("method", ["feature_kd", "hinton_kd", "fitnets_kd"])

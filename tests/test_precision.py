@@ -158,8 +158,8 @@ def test_cached_feature_maps_take_the_students_layout():
         cache: dict = {}
         fill_teacher_cache(teacher, "resnet10_narrow", ds, "feature_kd", cache=cache, device="cpu", amp=amp,
                            teacher_layers=[5, 6, 7, 8])
-        maps = [t for k, e in cache.items() if isinstance(k, tuple) and k[-1] != "logits" and isinstance(e, dict)
-                and isinstance(e.get("tensors"), list) for t in e["tensors"] if t.dim() == 4]
+        maps = [e["tensors"] for k, e in cache.items() if isinstance(k, tuple) and k[-1] != "logits"
+                and isinstance(e, dict) and isinstance(e.get("tensors"), torch.Tensor) and e["tensors"].dim() == 4]
         assert maps, "no cached feature maps"
         want_cl = amp and precision_for("cpu").channels_last
         assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps) if want_cl else \

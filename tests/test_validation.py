@@ -227,3 +227,22 @@ def test_summary_lines_state_the_measured_result():
     assert block["layer_values"]["3"]["value"] == 0.05 and block["selections"]["deepest k"] == [4, 5]
     assert block["selection_accuracy"][1]["test_final"] == 0.75 and block["base_layers"] == [2, 4]
     assert block["comparisons"][0]["b"] == "Q (the paper)" and block["predictor_differences"]["depth"]["ci_low"] == 0.1
+
+
+def test_the_sweep_runs_the_teacher_over_the_data_once_for_all_its_runs(tiny, monkeypatch):
+    seed_everything(0)
+    teacher = build_model("resnet10_narrow", 10).eval().requires_grad_(False)
+    recipe = {"epochs": 1, "lr": 0.005, "weight_decay": 0.01, "schedule": "onecycle", "batch_size": 16,
+              "augment": False}
+    images = []                                       # images per teacher forward (shape probes use 2)
+    handle = teacher.register_forward_pre_hook(lambda module, args: images.append(len(args[0])))
+    try:
+        shared = validation.swap_sweep(teacher, "resnet10_narrow", tiny, [0, 1, 2, 3, 4], [3, 4], [3, 4], [0],
+                                       recipe=recipe, progress=False)
+    finally:
+        handle.remove()
+    assert sum(n for n in images if n > 2) == tiny.num_train   # 4 runs, one pass over the training images
+    monkeypatch.setattr(validation, "_fill_cache", lambda *a, **k: None)     # each run caches its own targets
+    alone = validation.swap_sweep(teacher, "resnet10_narrow", tiny, [0, 1, 2, 3, 4], [3, 4], [3, 4], [0],
+                                  recipe=recipe, progress=False)
+    pd.testing.assert_frame_equal(shared, alone)             # the same targets, so the same runs
