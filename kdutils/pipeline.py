@@ -20,6 +20,7 @@ set-up cell does not wait for torch, torchvision and matplotlib.
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import json
 import logging
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from kdutils.checks import (check_kq_samples, check_models, check_validation_split, dataset_facts,
-                            has_parameters_cell, pretrained_fallback)
+                            has_parameters_cell, parameters_source, pretrained_fallback)
 from kdutils.presets import PARAMETERS, PRESETS, describe_presets, preset_name, resolve_config
 from kdutils.results import RESULTS_FILE, results_markdown
 from kdutils.rundir import (NOTEBOOKS, NOTEBOOKS_DIR, VALIDATION_NOTEBOOK, check_writable, default_run_dir,
@@ -105,12 +106,24 @@ def current_kernel_name() -> str:
 
 
 def notebook_parameters(path: str | Path) -> dict[str, str]:
-    """The names and default values (as source text) of a notebook's `parameters` cell."""
-    import nbformat
-    from papermill.translators import PythonTranslator
-    nb = nbformat.read(path, as_version=4)
-    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
-    return {} if cell is None else {p.name: p.default for p in PythonTranslator.inspect(cell)}
+    """The names and default values (as source text) of a notebook's `parameters` cell: its top-level assignments,
+    as papermill reads them (with Python's own parser here: papermill's import costs ~2 s before the first kernel)."""
+    source = parameters_source(path)
+    if source is None:
+        return {}
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:             # IPython syntax in the cell: papermill's own reader
+        import nbformat
+        from papermill.translators import PythonTranslator
+        return {p.name: p.default for p in PythonTranslator.inspect(nbformat.v4.new_code_cell(source))}
+    out = {}
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) and node.value is not None else None
+        if isinstance(target, ast.Name):
+            out[target.id] = ast.get_source_segment(source, node.value)
+    return out
 
 
 def absolute_paths(params: dict) -> dict:
@@ -269,24 +282,23 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
 def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: dict, notebooks_dir: Path,
                    kernel_name: str, log_output: bool, progress: bool) -> dict:
     """run_pipeline's work once its checks passed: each notebook through papermill, then the results table."""
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
-    log = print if progress else (lambda *a, **k: None)
-    log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
-    why = pretrained_fallback(config, run_dir) if NOTEBOOKS[0] in {p.name for p in paths} else None
-    if why:
-        print(f"pipeline: the teacher's ImageNet weights cannot be loaded ({why}); notebook 1 trains "
-              f"{config['teacher']} from scratch instead (recorded as pretrained False, pretrained_requested True).",
-              file=sys.stderr, flush=True)
-    finished: list[str] = []
     kernel_log = run_dir / "executed" / "kernel.log"
     kernel_manager = _kernel_manager_logging_to(kernel_log)
+    # the first kernel starts before papermill is imported (~2 s, with nbformat's schema validators)
+    current, upcoming = None, _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir)
+    finished: list[str] = []
     papermill_log = logging.getLogger("papermill")
-    papermill_log.addFilter(_drop_unknown_parameter_warnings)
-    current = upcoming = None       # this notebook's kernel and the next one's, both started ahead (prestarted)
-    try:
-        upcoming = _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir)
+    try:                            # current: this notebook's kernel; upcoming: the next one's, started ahead
+        import papermill
+        from papermill.exceptions import PapermillExecutionError
+        log = print if progress else (lambda *a, **k: None)
+        log(f"pipeline: preset {config['preset']}, run dir {run_dir}, kernel {kernel_name} ({sys.executable})")
+        why = pretrained_fallback(config, run_dir) if NOTEBOOKS[0] in {p.name for p in paths} else None
+        if why:
+            print(f"pipeline: the teacher's ImageNet weights cannot be loaded ({why}); notebook 1 trains "
+                  f"{config['teacher']} from scratch instead (recorded as pretrained False, pretrained_requested "
+                  f"True).", file=sys.stderr, flush=True)
+        papermill_log.addFilter(_drop_unknown_parameter_warnings)
         for i, path in enumerate(paths, 1):
             executed = run_dir / "executed" / path.name
             log(f"[{i}/{len(paths)}] {path.name}: started", flush=True)

@@ -78,6 +78,22 @@ def test_a_notebook_without_a_parameters_cell_is_refused_before_any_kernel(tmp_p
     assert executed == [] and not (tmp_path / "run").exists()
 
 
+def test_parameters_are_read_as_papermill_reads_them_without_importing_it(tmp_path):
+    from papermill.translators import PythonTranslator
+    odd = 'preset = "auto"  # a comment\nseeds: list = [0, 1]\nx = y = 3\nrun_dir = None\n\n\nk = {"a": 1}'
+    notebooks = [*sorted(rundir.NOTEBOOKS_DIR.glob("0*.ipynb")), _notebook(tmp_path / "odd.ipynb", odd)]
+    for path in notebooks:
+        cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+        theirs = {p.name: p.default for p in PythonTranslator.inspect(cell)}
+        assert pipeline.notebook_parameters(path) == theirs, path.name
+    assert pipeline.notebook_parameters(tmp_path / "odd.ipynb") == {"preset": '"auto"', "seeds": "[0, 1]",
+                                                                    "run_dir": "None", "k": '{"a": 1}'}
+    assert pipeline.notebook_parameters(_notebook(tmp_path / "none.ipynb", params=None)) == {}
+    code = ("import sys, kdutils.pipeline as p; from kdutils.rundir import NOTEBOOKS, NOTEBOOKS_DIR; "
+            "[p.notebook_parameters(NOTEBOOKS_DIR / n) for n in NOTEBOOKS]; print('nbformat' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # item 7: one run per run directory
 
