@@ -82,11 +82,11 @@ def run(args: argparse.Namespace) -> dict:
                           student_layers=standard_layers(STUDENT) if layers[method] else [],
                           batch_size=args.batch_size, progress=False):
             pass
-        entry = next(v for k, v in cache.items() if isinstance(v, dict) and
-                     (k[-1] == "logits") == (method == "hinton_kd"))
+        entries = [v for k, v in cache.items() if isinstance(v, dict) and "tensors" in v and
+                   (k[-1] == "logits") == (method == "hinton_kd")]     # one entry per target (built in one pass)
         cache_report["features" if method == "feature_kd" else "logits"] = {
-            "seconds": round(entry["seconds"], 2), "megabytes": round(entry["megabytes"], 1),
-            "device": entry["device"], "wall_seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(entries[0]["seconds"], 2), "megabytes": round(sum(e["megabytes"] for e in entries), 1),
+            "device": entries[0]["device"], "wall_seconds": round(time.perf_counter() - t0, 2)}
 
     # 2. warm-up on a slice (its own small cache), so first-call costs land outside the timed rounds
     n = min(args.warmup_images, data.num_train)
