@@ -60,6 +60,13 @@ def _cache_budget_mb(device: torch.device, budget_mb: float | None) -> float:
     return 4096.0
 
 
+def _cache_mb(data: Dataset, target_shapes: Sequence[Shape], logits: bool) -> float:
+    """Megabytes the cache needs for these targets (fp16) over the train split, plus its logits (fp32) if asked."""
+    n = data.num_train
+    return (sum(n * 2 * torch.Size(shape).numel() for shape in target_shapes)
+            + (n * 4 * data.num_classes if logits else 0)) / 2**20
+
+
 def _build_cache(teacher: nn.Module, data: Dataset, layers: Sequence[int], s_shapes: Sequence[Shape],
                  t_shapes: Sequence[Shape], want: dict[str, tuple], store: torch.device, device: torch.device,
                  batch_size: int, progress: bool, targets: Targets | None, precision: Precision
@@ -126,9 +133,7 @@ def teacher_lookup(teacher: nn.Module, data: Dataset, targets: Targets | None, l
     reused = len(set(keys)) - len(todo)
     want_logits = logits_key is not None and logits_key not in cache
     if todo or want_logits:
-        n = data.num_train
-        mb = (sum(n * 2 * torch.Size(targets_shapes[i]).numel() for i in todo) + (n * 4 * data.num_classes
-              if want_logits else 0)) / 2**20
+        mb = _cache_mb(data, [targets_shapes[i] for i in todo], want_logits)
         budget = _cache_budget_mb(device, cache_budget_mb)
         if mb > budget:
             return on_the_fly(f"the cache would need {mb:.0f} MB > budget {budget:.0f} MB; raise cache_budget_mb "
@@ -200,8 +205,7 @@ def fill_targets(teacher: nn.Module, student: nn.Module, data: Dataset, targets:
         shapes = [targets.shape(s, t) for s, t in zip(s_shapes, t_shapes)]
         missing = {key: shape for key, shape in zip(target_keys(fingerprint, data, precision, targets, t_layers,
                                                                 shapes), shapes) if key not in cache}
-        mb = sum(data.num_train * 2 * torch.Size(shape).numel() for shape in missing.values()) / 2**20
-        if not missing or mb > _cache_budget_mb(device, cache_budget_mb):
+        if not missing or _cache_mb(data, list(missing.values()), False) > _cache_budget_mb(device, cache_budget_mb):
             return False
         teacher_lookup(teacher, data, targets, False, t_layers, s_shapes, t_shapes, fingerprint=fingerprint,
                        augment=False, cache=cache, cache_budget_mb=cache_budget_mb, device=device,
