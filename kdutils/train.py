@@ -186,15 +186,17 @@ def make_optimizer(model: nn.Module, extra: nn.Module | None, *, lr: float, back
                    weight_decay: float, schedule: str, epochs: int, steps: int
                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """AdamW with a per-step OneCycle schedule to the groups' peaks, or for schedule="long" SGD (momentum 0.9) at the
-    peaks, x0.1 per step at LONG_SCHEDULE_MILESTONES scaled from LONG_SCHEDULE_EPOCHS to `epochs`."""
+    peaks, x0.1 per step at LONG_SCHEDULE_MILESTONES scaled from LONG_SCHEDULE_EPOCHS to `epochs`. Both update all
+    tensors per op (foreach; CUDA's default, not the CPU's): the same numbers as one tensor at a time, a quarter
+    faster on a CPU (a resnet10_narrow AdamW step at 16 px: 3.6 -> 2.7 ms)."""
     groups, peaks = param_groups(model, extra, lr, backbone_lr_scale)
     if schedule == "long":
         for group, peak in zip(groups, peaks):
             group["lr"] = peak
-        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay, foreach=True)
         milestones = [steps * max(1, round(m * epochs / LONG_SCHEDULE_EPOCHS)) for m in LONG_SCHEDULE_MILESTONES]
         return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)  # stepped per batch
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, foreach=True)
     return opt, torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=peaks, epochs=epochs, steps_per_epoch=steps,
                                                     pct_start=ONE_CYCLE_PCT_START)
 

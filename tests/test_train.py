@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from kdutils.data import load_dataset
 from kdutils.models import build_model
 from kdutils.checkpoints import load_checkpoint, save_checkpoint
-from kdutils.train import evaluate, fit, seed_everything, state_fingerprint
+from kdutils.train import evaluate, fit, make_optimizer, seed_everything, state_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +169,30 @@ def test_long_schedule_is_sgd_with_lr_steps_at_scaled_milestones(digits):
     assert [h["lr"] for h in history] == pytest.approx([0.05] * 4 + [0.005, 5e-4, 5e-5, 5e-5])
     with pytest.raises(ValueError, match="unknown schedule"):
         fit(model, ds, epochs=1, lr=0.05, schedule="step", progress=False)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "long"])
+def test_optimizers_update_all_tensors_at_once_with_the_same_numbers(schedule):
+    """make_optimizer's foreach AdamW/SGD (the CPU's faster path) gives bit-identical weights to one tensor at a
+    time, so committed runs trained before the switch still reproduce."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    weights = []
+    for foreach in (True, False):
+        torch.manual_seed(1)
+        model = build_model("resnet10_narrow", 10, image_size=16)
+        opt, sched = make_optimizer(model, None, lr=0.01, backbone_lr_scale=0.1, weight_decay=5e-4,
+                                    schedule=schedule, epochs=2, steps=3)
+        assert all(g["foreach"] for g in opt.param_groups)
+        for group in opt.param_groups:
+            group["foreach"] = foreach
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(1)
+    init = torch.cat([p.detach().flatten() for p in build_model("resnet10_narrow", 10, image_size=16).parameters()])
+    assert (weights[0] - init).abs().max() > 1e-4          # the steps did move the weights
+    assert torch.equal(weights[0], weights[1])
