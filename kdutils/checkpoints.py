@@ -2,8 +2,8 @@
 the model and data about to use it.
 
 Called by kdutils.train (fit's resume and per-epoch checkpoint, load_model), kdutils.distill (a student's saved
-extra modules), kdutils.kq (its caches), kdutils.sweep (which runs are finished), and the tests that read
-checkpoints back.
+extra modules), kdutils.kq (its caches), kdutils.validation, kdutils.sweep_tasks and kdutils.sweep (which runs are
+finished: checkpoint_finished), and the tests that read checkpoints back.
 """
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                                f"or another program's; torch: {reason}): delete it and train again.") from None
         raise RuntimeError(f"could not read checkpoint {path}: delete it and train again ({type(e).__name__}: "
                            f"{detail[:400]}{'...' if len(detail) > 400 else ''})") from e
+
+
+def checkpoint_finished(path: str | Path | None, epochs: int) -> bool:
+    """Whether a checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished): the rule
+    by which fit and distill reuse a run instead of training it."""
+    if path is None or not Path(path).is_file():
+        return False
+    try:
+        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
+    except (RuntimeError, OSError):
+        return False
 
 
 def model_name(model: nn.Module) -> str:

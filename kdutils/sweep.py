@@ -41,15 +41,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Callable
 
+from kdutils.checkpoints import checkpoint_finished
 from kdutils.distill import REGISTRY
 from kdutils.pipeline import parse_value
 from kdutils.presets import PAIRS, PRESETS
 from kdutils.report import save_figure
 from kdutils.results import RESULTS_FILE, results_markdown
 from kdutils.rundir import default_data_root, default_run_dir, run_lock, shown_path, write_atomic, write_json_atomic
-from kdutils.sweep_tasks import (build_teacher_cache, cell_results, checkpoint_finished, needs_teacher_cache,
-                                 prepare_combination, student_checkpoint, sweep_cells, task_error, teacher_done,
-                                 train_student)
+from kdutils.sweep_tasks import (build_teacher_cache, cell_results, needs_teacher_cache, prepare_combination,
+                                 student_checkpoint, sweep_cells, task_error, teacher_done, train_student)
 
 SWEEP_JSON, SWEEP_MD = "sweep.json", "sweep.md"
 

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from kdutils import pipeline
+from kdutils.checkpoints import checkpoint_finished
 from kdutils.distill import REGISTRY, distill, fill_teacher_cache, layer_arguments
 from kdutils.precision import precision_for
 from kdutils.precision import record as precision_record
@@ -69,17 +70,6 @@ def sweep_cells(root: str | Path, preset: str, datasets: Sequence[str], pairs: S
 def student_checkpoint(run_dir: str | Path, method: str, seed: int) -> Path:
     """Where notebook 5 (and the sweep) keep a student run: RUN_DIR/students/<method>-seed<seed>.pt."""
     return Path(run_dir) / "students" / f"{method}-seed{seed}.pt"
-
-
-def checkpoint_finished(path: str | Path, epochs: int) -> bool:
-    """Whether a student checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished)."""
-    from kdutils.checkpoints import load_checkpoint
-    if not Path(path).is_file():
-        return False
-    try:
-        return int(load_checkpoint(path).get("epoch", 0)) >= epochs
-    except (RuntimeError, OSError):
-        return False
 
 
 def needs_teacher_cache(method: str, config: dict) -> bool:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from scipy import stats as sps
 
-from kdutils.checkpoints import load_checkpoint
+from kdutils.checkpoints import checkpoint_finished
 from kdutils.data import Dataset
 from kdutils.distill import REGISTRY, distill
 from kdutils.feature_losses import distilled_network
@@ -63,8 +63,7 @@ def _fill_cache(teacher: nn.Module, student: str, data: Dataset, runs: Sequence[
                 student_layers: Sequence[int], recipe: dict, cache: dict) -> None:
     """One teacher pass for the targets of every run still to train ((teacher layers, checkpoint) pairs), instead of
     one per run: the sets overlap, and each would run the teacher over the data again (kdutils.teacher_cache)."""
-    todo = [layers for layers, ck in runs if ck is None or not ck.exists()
-            or load_checkpoint(ck).get("epoch", 0) < recipe["epochs"]]
+    todo = [layers for layers, ck in runs if not checkpoint_finished(ck, recipe["epochs"])]
     if len(todo) < 2 or recipe.get("augment"):
         return
     unit = REGISTRY["feature_kd"].unit

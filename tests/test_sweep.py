@@ -16,9 +16,8 @@ ray = pytest.importorskip("ray")
 
 from kdutils import sweep as sw  # noqa: E402
 from kdutils.pipeline import run_pipeline  # noqa: E402
-from kdutils.sweep_tasks import (TEACHER_ARTIFACTS, checkpoint_finished, combination_dir,  # noqa: E402
-                                 student_checkpoint)
-from kdutils.checkpoints import load_checkpoint  # noqa: E402
+from kdutils.sweep_tasks import TEACHER_ARTIFACTS, combination_dir, student_checkpoint  # noqa: E402
+from kdutils.checkpoints import checkpoint_finished, load_checkpoint  # noqa: E402
 
 PAIR = "resnet18_narrow-resnet10_narrow"
 METHODS = ["ce", "feature_kd"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kdutils.data import load_dataset
 from kdutils.models import build_model
-from kdutils.checkpoints import load_checkpoint, save_checkpoint
+from kdutils.checkpoints import checkpoint_finished, load_checkpoint, save_checkpoint
 from kdutils.train import evaluate, fit, make_optimizer, seed_everything, state_fingerprint
 
 
@@ -114,6 +114,15 @@ def test_save_is_atomic_and_corrupt_files_are_reported(tmp_path, monkeypatch):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="train"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_checkpoint_finished_is_the_one_reuse_rule(tmp_path):
+    """A run counts as finished when its checkpoint trained all epochs; missing or damaged ones count as not."""
+    path = save_checkpoint(tmp_path / "run.pt", {"epoch": 3})
+    assert checkpoint_finished(path, 3) and checkpoint_finished(path, 2) and not checkpoint_finished(path, 4)
+    assert not checkpoint_finished(tmp_path / "missing.pt", 1) and not checkpoint_finished(None, 1)
+    path.write_bytes(b"not a checkpoint")
+    assert not checkpoint_finished(path, 1)
 
 
 def test_fingerprint_changes_with_weights():
