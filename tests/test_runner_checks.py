@@ -89,6 +89,8 @@ def test_parameters_are_read_as_papermill_reads_them_without_importing_it(tmp_pa
     assert pipeline.notebook_parameters(tmp_path / "odd.ipynb") == {"preset": '"auto"', "seeds": "[0, 1]",
                                                                     "run_dir": "None", "k": '{"a": 1}'}
     assert pipeline.notebook_parameters(_notebook(tmp_path / "none.ipynb", params=None)) == {}
+    magic = '%config InlineBackend.figure_format = "png"\npreset = "quick"  # IPython syntax: papermill reads it'
+    assert pipeline.notebook_parameters(_notebook(tmp_path / "magic.ipynb", magic)) == {"preset": '"quick"'}
     code = ("import sys, kdutils.pipeline as p; from kdutils.rundir import NOTEBOOKS, NOTEBOOKS_DIR; "
             "[p.notebook_parameters(NOTEBOOKS_DIR / n) for n in NOTEBOOKS]; print('nbformat' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
