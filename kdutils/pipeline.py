@@ -15,8 +15,7 @@ papermill, nbformat and yaml are imported only by the runner and the CLI, so not
 
 Each notebook runs in its own fresh kernel, as under Jupyter; the runner starts the next notebook's kernel while the
 current one runs, and that kernel imports the course's modules before it answers (PRESTART_IMPORTS), so the next
-set-up cell does not wait for torch, torchvision and matplotlib. The command line starts notebook 1's kernel even
-before it imports torch itself (_first_kernel), so the two imports run side by side on a multi-core machine.
+set-up cell does not wait for torch, torchvision and matplotlib.
 """
 from __future__ import annotations
 
@@ -27,17 +26,18 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from kdutils.checks import (check_kq_samples, check_models, check_validation_split, dataset_facts,
+                            has_parameters_cell, parameters_source, pretrained_fallback)
+from kdutils.presets import PARAMETERS, PRESETS, describe_presets, preset_name, resolve_config
+from kdutils.results import RESULTS_FILE, results_markdown
 from kdutils.rundir import (NOTEBOOKS, NOTEBOOKS_DIR, VALIDATION_NOTEBOOK, check_writable, default_run_dir,
                             require_artifact, run_lock, write_hint)
-
-# kdutils.checks, presets, results and runtime (torch and torchvision, ~4 s on 2 cores) are imported where they are
-# used, so that the command line starts notebook 1's kernel first (main, _first_kernel) and both import side by side.
+from kdutils.runtime import GPU_PRESETS, runtime_estimate_text
 
 
 class PipelineInterrupted(KeyboardInterrupt):
@@ -108,7 +108,6 @@ def current_kernel_name() -> str:
 def notebook_parameters(path: str | Path) -> dict[str, str]:
     """The names and default values (as source text) of a notebook's `parameters` cell: its top-level assignments,
     as papermill reads them (with Python's own parser here: papermill's import costs ~2 s before the first kernel)."""
-    from kdutils.checks import parameters_source
     source = parameters_source(path)
     if source is None:
         return {}
@@ -222,20 +221,14 @@ def _drop_unknown_parameter_warnings(record: logging.LogRecord) -> bool:
 def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None = None,
                  notebooks_dir: str | Path = NOTEBOOKS_DIR, kernel_name: str | None = None,
                  log_output: bool = False, progress: bool = True, notebooks: Sequence[str] = NOTEBOOKS,
-                 lock: bool = True, first_kernel: tuple[Any, Path] | None = None) -> dict:
+                 lock: bool = True) -> dict:
     """Execute the notebooks in order with papermill into run_dir/executed/, then tabulate run_dir/results.json.
 
     Everything that can be checked without a kernel is checked first: parameters, notebooks (names with or without
     .ipynb; each needs a `parameters` cell), the dataset (name, or an .npz file's contents), whether the pair takes
     its images, the validation split, and whether run_dir is writable. run_dir is locked for the whole run
     (run_lock: a second run into it is refused); `lock=False` when the caller already holds it (the sweep).
-    `first_kernel`: a kernel already started for the first notebook in notebooks_dir, with the temporary file its
-    stderr goes to (the command line's _first_kernel); the runner shuts it down and moves its log into
-    run_dir/executed/kernel.log.
     """
-    from kdutils.checks import (check_kq_samples, check_models, check_validation_split, dataset_facts,
-                                has_parameters_cell)
-    from kdutils.presets import PARAMETERS, resolve_config
     params = dict(params or {})
     reserved = sorted({"preset", "run_dir"} & set(params))
     if reserved:
@@ -283,32 +276,16 @@ def run_pipeline(run_dir: str | Path, preset: str = "auto", params: dict | None 
     parameters = {"preset": config["preset"], "run_dir": str(run_dir),
                   **({"progress": False} if "progress" in declared else {}), **params}  # one log line per epoch
     with run_lock(run_dir) if lock else contextlib.nullcontext():
-        return _run_notebooks(run_dir, config, paths, parameters, notebooks_dir, kernel_name, log_output, progress,
-                              first_kernel)
-
-
-def _move_log(source: Path | None, log: Path) -> None:
-    """Append a stopped kernel's temporary stderr file to `log` and delete it (a no-op once done, or for None)."""
-    if source is None or not source.is_file():
-        return
-    text = source.read_bytes()
-    if text:
-        with open(log, "ab") as out:
-            out.write(text)
-    source.unlink()
+        return _run_notebooks(run_dir, config, paths, parameters, notebooks_dir, kernel_name, log_output, progress)
 
 
 def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: dict, notebooks_dir: Path,
-                   kernel_name: str, log_output: bool, progress: bool, first_kernel: tuple[Any, Path] | None) -> dict:
+                   kernel_name: str, log_output: bool, progress: bool) -> dict:
     """run_pipeline's work once its checks passed: each notebook through papermill, then the results table."""
-    from kdutils.checks import pretrained_fallback
-    from kdutils.results import RESULTS_FILE, results_markdown
     kernel_log = run_dir / "executed" / "kernel.log"
     kernel_manager = _kernel_manager_logging_to(kernel_log)
-    first_log = first_kernel[1] if first_kernel else None
     # the first kernel starts before papermill is imported (~2 s, with nbformat's schema validators)
-    current, upcoming = None, (first_kernel[0] if first_kernel else
-                               _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir))
+    current, upcoming = None, _prestarted_kernel(kernel_manager, kernel_name, notebooks_dir)
     finished: list[str] = []
     papermill_log = logging.getLogger("papermill")
     try:                            # current: this notebook's kernel; upcoming: the next one's, started ahead
@@ -350,19 +327,16 @@ def _run_notebooks(run_dir: Path, config: dict, paths: list[Path], parameters: d
                 raise NotebookFailed(path.name, executed, None, type(err).__name__,
                                      f"{err}" + (f": {hint}" if hint else "")) from err
             except Exception as err:  # kernel death, timeouts: still name the notebook and the kernel's own log
-                logged = any(p is not None and p.is_file() and p.stat().st_size > 0 for p in (kernel_log, first_log))
+                logged = kernel_log.is_file() and kernel_log.stat().st_size > 0
                 raise NotebookFailed(path.name, executed, None, type(err).__name__,
                                      f"{err}" + (f" (the kernel's log: {kernel_log})" if logged else "")) from err
             _shut_down(current)
-            if i == 1:
-                _move_log(first_log, kernel_log)
             log(f"[{i}/{len(paths)}] {path.name}: finished in {time.perf_counter() - start:.1f} s", flush=True)
             finished.append(path.name)
     finally:
         papermill_log.removeFilter(_drop_unknown_parameter_warnings)
         for manager in (current, upcoming):
             _shut_down(manager)
-        _move_log(first_log, kernel_log)
 
     if NOTEBOOKS[4] not in {p.name for p in paths} and not (run_dir / RESULTS_FILE).exists():
         return {}                         # a partial series (e.g. notebooks 1-3): no results table yet
@@ -395,97 +369,46 @@ def parse_value(text: str) -> Any:
     return text
 
 
-def _runner_options() -> argparse.ArgumentParser:
-    """The options that say where and how notebook 1's kernel starts (--notebooks-dir, --kernel): read first, before
-    torch is imported (_first_kernel), and part of the full command line (build_parser)."""
-    options = argparse.ArgumentParser(add_help=False, exit_on_error=False, allow_abbrev=False)
-    options.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="folder holding the notebooks")
-    options.add_argument("--kernel", help="Jupyter kernel name (default: the one that runs this Python)")
-    return options
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface of `python -m kdutils.pipeline`."""
-    from kdutils.presets import PRESETS, describe_presets
     parser = argparse.ArgumentParser(
         prog="python -m kdutils.pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run notebooks 1-5 (and 6 with --validate-kq) headless with papermill, in order, stopping at "
                     "the first failing cell; executed copies go to RUN_DIR/executed/, the result table to "
                     "RUN_DIR/results.md.",
-        epilog=describe_presets(), parents=[_runner_options()])
+        epilog=describe_presets())
     parser.add_argument("--preset", default="auto", choices=["auto", *PRESETS], help="settings preset (default auto)")
     parser.add_argument("--run-dir", type=Path, help="where artifacts go (default runs/<preset>)")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                         help="override a preset key or pass a notebook parameter (repeatable)")
+    parser.add_argument("--notebooks-dir", type=Path, default=NOTEBOOKS_DIR, help="folder holding the notebooks")
     parser.add_argument("--validate-kq", action="store_true",
                         help=f"also run {VALIDATION_NOTEBOOK} after the five (the single-layer sweep that tests KQ)")
     parser.add_argument("--notebooks", nargs="+", default=None, metavar="NAME",
                         help="run only these notebooks, in this order (default: notebooks 1-5)")
+    parser.add_argument("--kernel", help="Jupyter kernel name (default: the one that runs this Python)")
     parser.add_argument("--log-output", action="store_true", help="stream the notebooks' output to the terminal")
     parser.add_argument("--no-progress", action="store_true", help="no progress lines or bars")
     parser.add_argument("--list-presets", action="store_true", help="print the presets and parameters and exit")
     return parser
 
 
-def _first_kernel(argv: Sequence[str]) -> tuple[Any, Path, str, Path] | None:
-    """Notebook 1's kernel, started before the command line imports torch (both take ~4 s on 2 cores, now side by
-    side): its manager, the temporary file its stderr goes to until run_dir is checked, its kernel name and its
-    working directory (the notebooks' folder; _main uses the kernel only if the full command line agrees).
-
-    None when there is nothing to run (--help, --list-presets), the options do not parse (build_parser then says
-    why) or no kernel runs this Python (run_pipeline then says why, after its other checks)."""
-    if {"-h", "--help", "--list-presets"} & set(argv):
-        return None
-    try:
-        args, _ = _runner_options().parse_known_args(argv)
-        kernel_name = args.kernel or current_kernel_name()
-    except (argparse.ArgumentError, RuntimeError):
-        return None
-    fd, name = tempfile.mkstemp(prefix="kdutils-kernel-", suffix=".log")
-    os.close(fd)
-    log, cwd = Path(name), Path(args.notebooks_dir).resolve()
-    manager = _prestarted_kernel(_kernel_manager_logging_to(log), kernel_name, cwd)
-    if manager is None:
-        log.unlink()
-        return None
-    return manager, log, kernel_name, cwd
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 1 a notebook or input failed, 2 bad arguments)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    first = _first_kernel(argv)
-    try:
-        return _main(argv, first)
-    finally:                              # a refused or interrupted run: stop the early kernel, drop its log
-        if first is not None:
-            _shut_down(first[0])
-            first[1].unlink(missing_ok=True)
-
-
-def _main(argv: list[str], first: tuple[Any, Path, str, Path] | None) -> int:
-    """main's work, with notebook 1's kernel (_first_kernel) already starting, or None."""
-    from kdutils.presets import PARAMETERS, describe_presets, preset_name, resolve_config
-    from kdutils.runtime import GPU_PRESETS, runtime_estimate_text
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.list_presets:
         print(describe_presets())
         return 0
-    if first is not None and first[2:] != (args.kernel or first[2], args.notebooks_dir.resolve()):
-        _shut_down(first[0])       # e.g. --notebooks-d (an abbreviation only the full command line reads)
-        first = None
     try:
         params = {name: parse_value(value) for name, value in args.parameter}
         run_dir = args.run_dir or default_run_dir(preset_name(args.preset))
         if preset_name(args.preset) in GPU_PRESETS:     # from the dataset's real sizes (an .npz file is read)
             print(runtime_estimate_text(resolve_config(args.preset, **{k: v for k, v in params.items()
                                                                        if k in PARAMETERS})), flush=True)
-        run_pipeline(run_dir, args.preset, params, notebooks_dir=args.notebooks_dir,
-                     kernel_name=first[2] if first else args.kernel, log_output=args.log_output,
-                     progress=not args.no_progress,
-                     notebooks=args.notebooks or [*NOTEBOOKS, *([VALIDATION_NOTEBOOK] if args.validate_kq else [])],
-                     first_kernel=first[:2] if first else None)
+        run_pipeline(run_dir, args.preset, params, notebooks_dir=args.notebooks_dir, kernel_name=args.kernel,
+                     log_output=args.log_output, progress=not args.no_progress,
+                     notebooks=args.notebooks or [*NOTEBOOKS, *([VALIDATION_NOTEBOOK] if args.validate_kq else [])])
     except ValueError as err:
         parser.error(str(err))
     except (NotebookFailed, OSError, RuntimeError) as err:     # OSError: FileNotFoundError, a failed write

@@ -33,6 +33,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from kdutils.precision import precision_for
+from kdutils.precision import record as precision_record
+from kdutils.train import default_device, library_versions
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 # The series: notebooks 1-5 run in this order, each reading what the earlier ones wrote into run_dir.
@@ -172,10 +178,6 @@ def write_manifest(run_dir: str | Path, notebook: str, config: dict, artifacts: 
         shown = path.resolve().relative_to(run_dir.resolve()) if path.resolve().is_relative_to(run_dir.resolve()) \
             else path.resolve()
         files[name] = {"path": str(shown), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
-    import torch       # here, not above: the pipeline's command line reads this module before it imports torch
-
-    from kdutils.precision import precision_for, record as precision_record
-    from kdutils.train import default_device, library_versions
     device = default_device()
     manifest = {
         "notebook": notebook,

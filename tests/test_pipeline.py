@@ -4,7 +4,6 @@ import hashlib
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import nbformat
@@ -378,47 +377,6 @@ def test_each_notebook_gets_its_own_prestarted_kernel(tmp_path, monkeypatch):
         assert s["imported"] == list(pipeline.PRESTART_IMPORTS)
         assert not {"torch", "kdutils", "matplotlib", "plt"} & set(s["names"])
     assert len(started) == 2 and all(m is not None and not m.has_kernel for m in started)  # all shut down
-
-
-def test_the_command_line_starts_notebook_1s_kernel_before_importing_torch(tmp_path, monkeypatch):
-    """The CLI's module is light (no torch), and main starts the first kernel before anything heavy is imported;
-    the run uses that kernel, whose stderr ends up in run_dir/executed/kernel.log with the next kernel's after it."""
-    light = subprocess.run([sys.executable, "-c", "import sys, kdutils.pipeline; "
-                            "print(sorted({'torch', 'torchvision', 'papermill', 'nbformat'} & set(sys.modules)))"],
-                           capture_output=True, text=True, check=True)
-    assert light.stdout.strip() == "[]"
-    folder = tmp_path / "nbs"
-    folder.mkdir()
-    for name in ("one", "two"):
-        _notebook(folder / f"{name}.ipynb", f"import os\nos.write(2, b'{name} says hello\\n')")
-    started, handed = [], []
-    real, real_run = pipeline._prestarted_kernel, pipeline.run_pipeline
-    monkeypatch.setattr(pipeline, "_prestarted_kernel", lambda *a: started.append(real(*a)) or started[-1])
-    monkeypatch.setattr(pipeline, "run_pipeline",
-                        lambda *a, **k: handed.append((len(started), k["first_kernel"])) or real_run(*a, **k))
-    temp = tmp_path / "temp"
-    temp.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(temp))           # where the first kernel's log waits for run_dir
-    run_dir = tmp_path / "run"
-    assert main(["--preset", "quick", "--run-dir", str(run_dir), "--notebooks-dir", str(folder),
-                 "--notebooks", "one", "two", "--no-progress"]) == 0
-    assert handed[0][0] == 1 and handed[0][1][0] is started[0]    # started before run_pipeline, and used by it
-    log = (run_dir / "executed" / "kernel.log").read_text()
-    assert 0 <= log.index("one says hello") < log.index("two says hello")
-    assert not list(temp.iterdir()) and not any(m.has_kernel for m in started)
-    # an abbreviation only the full command line reads (--notebooks-d): the early kernel, started elsewhere, is
-    # stopped and the run starts its own
-    started.clear()
-    assert main(["--preset", "quick", "--run-dir", str(tmp_path / "abbrev"), "--notebooks-d", str(folder),
-                 "--notebooks", "one", "--no-progress"]) == 0
-    assert handed[-1] == (1, None) and not started[0].has_kernel and not list(temp.iterdir())
-    # a run refused by a check: the early kernel is stopped, its log deleted, no run directory made
-    started.clear()
-    with pytest.raises(SystemExit):
-        main(["--preset", "quick", "--run-dir", str(tmp_path / "refused"), "--notebooks-dir", str(folder),
-              "-p", "k", "9"])
-    assert len(started) == 1 and not started[0].has_kernel
-    assert not list(temp.iterdir()) and not (tmp_path / "refused").exists()
 
 
 def test_kernels_are_shut_down_when_a_notebook_fails(notebooks_dir, tmp_path, monkeypatch):
