@@ -60,8 +60,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def checkpoint_finished(path: str | Path | None, epochs: int) -> bool:
-    """Whether a checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished): the rule
-    by which fit and distill reuse a run instead of training it."""
+    """Whether a checkpoint exists and has trained all `epochs` (an unreadable one counts as unfinished), for callers
+    that only need that answer (the sweep, notebook 6's shared teacher pass); fit and distill apply the same rule
+    (saved epoch >= epochs) to the checkpoint they load anyway."""
     if path is None or not Path(path).is_file():
         return False
     try:

@@ -116,7 +116,7 @@ def test_save_is_atomic_and_corrupt_files_are_reported(tmp_path, monkeypatch):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_checkpoint_finished_is_the_one_reuse_rule(tmp_path):
+def test_checkpoint_finished_counts_only_complete_readable_runs(tmp_path):
     """A run counts as finished when its checkpoint trained all epochs; missing or damaged ones count as not."""
     path = save_checkpoint(tmp_path / "run.pt", {"epoch": 3})
     assert checkpoint_finished(path, 3) and checkpoint_finished(path, 2) and not checkpoint_finished(path, 4)
