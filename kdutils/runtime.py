@@ -98,14 +98,14 @@ def runtime_estimate_text(config: dict, devices: Sequence[str] = ("t4", "a100", 
 
 
 # MEASURED per-notebook seconds of whole series (`python -m kdutils.pipeline --preset P --validate-kq`, alone on
-# the machine), per preset at its default budget: what notebooks print as the expected time (notebook_runtime_text)
-# and notebook 1 tabulates (runtime_table). Update an entry when a preset's budget changes; a preset without one
-# prints that it has not been measured.
+# the machine), per preset at its default budget (quick: the median of 10 runs on a quiet host): what notebooks print
+# as the expected time (notebook_runtime_text) and notebook 1 tabulates (runtime_table). Update an entry when a
+# preset's budget changes; a preset without one prints that it has not been measured.
 MEASURED = {
     "quick": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last",
-              "date": "2026-12-03", "seconds": {"01_train_teacher": 12, "02_probe_layer_geometry": 9,
-                                                "03_compute_kq": 8, "04_distill_without_ce": 8,
-                                                "05_compare_to_hinton_kd": 19, "06_validate_kq": 20}},
+              "date": "2026-12-06", "seconds": {"01_train_teacher": 9, "02_probe_layer_geometry": 5,
+                                                "03_compute_kq": 4, "04_distill_without_ce": 6,
+                                                "05_compare_to_hinton_kd": 14, "06_validate_kq": 15}},
     # one resumed run (reports/cifar10-cpu/README.md): notebooks 1-4 ran beside other jobs (upper bounds), notebook 5
     # is three times its alone-timed third seed plus evaluation, notebook 6 ran alone.
     "cifar10-cpu": {"machine": "2 cores of an Intel Sapphire Rapids (AMX), bf16 autocast + channels_last; "
