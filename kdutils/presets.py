@@ -136,8 +136,8 @@ PRESETS = {
 }
 
 PRESET_NOTES = {
-    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline), what CI runs; about 80 s on 2 cores "
-             "(kdutils.runtime.MEASURED)",
+    "quick": "CPU smoke run on scikit-learn's bundled digits at 16x16 (offline), what CI runs; about a minute on 2 quiet "
+             "cores, more on a busy host (kdutils.runtime.MEASURED)",
     "cifar10-cpu": "the course's CIFAR-10 subset (cifar10-subset: 1,000 training images per class, 10% of them held "
                    "out for validation, 200 test images per class; data/README.md) with the CPU-scale pair, a teacher "
                    "trained 20 epochs with crop + flip, students 15 epochs, 3 seeds (notebook 6: 6-epoch runs, 2 "
